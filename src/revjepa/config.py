@@ -1,0 +1,253 @@
+"""The one typed run configuration: model, objective and training fields, validated in one place.
+
+Every field is a command-line flag of `revjepa train` / `train_jepa.py` (same name, underscores),
+and the whole configuration is written as plain data to `training_args.json` and into every
+checkpoint, so a checkpoint alone is enough to rebuild its model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import UserError
+
+DISTANCE_METRICS = ("cosine", "l2", "mse", "infonce")
+SCHEDULERS = ("constant_with_warmup", "linear", "cosine")
+SPLITS = ("train", "atomic", "test")
+MODEL_FAMILIES = ("gpt2_jepa",)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ModelConfig:
+    family: str = _f("gpt2_jepa", "model family", choices=MODEL_FAMILIES, flag="model_family")
+    n_layer: int = _f(4, "number of transformer blocks")
+    n_embd: int = _f(768, "hidden size")
+    n_head: int = _f(12, "attention heads (must divide n_embd)")
+    n_positions: int = _f(64, "maximum positions of one block (forward+<PRED> or reverse)")
+    vocab_size: int | None = _f(None, "must equal the size of the dataset's vocab.json if given")
+    tie_embeddings: bool = _f(True, "tie input and output embeddings (--untie_embeddings to untie)")
+    position_embeddings: bool = _f(
+        True, "learned positional embeddings (--no_position_embeddings: none, as Wang & Sun 2025)"
+    )
+    dropout: float = _f(0.1, "embedding, attention and residual dropout (0 = deterministic)")
+
+
+@dataclass
+class ObjectiveConfig:
+    use_jepa: bool = _f(True, "add the LLM-JEPA loss for items of kind train (--no_jepa: NTP only)")
+    lambda_jepa: float = _f(1.0, "weight of the JEPA loss")
+    gamma_ntp: float = _f(1.0, "weight of the next-token loss")
+    k_pred_tok: int = _f(1, "number of <PRED> tokens appended to the forward block (0..4)")
+    distance_metric: str = _f("cosine", "JEPA distance", choices=DISTANCE_METRICS)
+    infonce_temperature: float = _f(0.07, "temperature of the infonce distance")
+    loss_dropout: float = _f(0.0, "probability of dropping each item's JEPA term (training only)")
+
+    @property
+    def jepa_active(self) -> bool:
+        return self.use_jepa and self.lambda_jepa != 0.0
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = _f("data/inversionidcomb10.50000.30000", "dataset directory")
+    output_dir: str = _f("runs/jepa", "run directory (checkpoints, logs, metrics)")
+    batch_size: int = _f(256, "training items per step per process (global = x world size)")
+    eval_batch_size: int = _f(256, "items per evaluation batch")
+    max_steps: int | None = _f(None, "optimizer steps to train (default 3,000,000; wins over --num_epochs)")
+    num_epochs: int | None = _f(None, "full passes over the training set (when --max_steps is not given)")
+    learning_rate: float = _f(1e-4, "peak learning rate")
+    weight_decay: float = _f(0.01, "AdamW weight decay on matrices only")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    scheduler: str = _f("constant_with_warmup", "learning-rate schedule", choices=SCHEDULERS)
+    save_steps: int = _f(50_000, "checkpoint interval after the dense period")
+    save_step_dense: int = _f(30_000, "dense checkpointing until this step")
+    save_step_dense_interval: int = _f(5_000, "checkpoint interval in the dense period")
+    eval_steps: int = _f(5_000, "evaluation interval on --valid_split")
+    log_interval: int = _f(100, "steps between log lines / metrics.jsonl records")
+    seed: int = _f(42, "seed of initialisation, data order, dropout and loss dropout")
+    num_workers: int = _f(0, "accepted for compatibility: batches are tensor indices, no loader workers")
+    valid_split: str = _f("test", "split evaluated during training", choices=SPLITS)
+    precision: str = _f("fp32", "fp32 | bf16 | fp16 (see --bf16 / --fp16)", choices=PRECISIONS)
+    compile: str = _f("auto", "torch.compile: auto (on for CUDA), on, off", choices=("auto", "on", "off"))
+    max_bad_steps: int = _f(20, "stop after this many consecutive non-finite steps")
+    device: str = _f("auto", "auto | cpu | cuda")
+
+    @property
+    def total_steps_default(self) -> int:
+        return 3_000_000
+
+
+# Fields that may differ between a checkpoint's run and a resume of it.
+RESUMABLE_OVERRIDES = {
+    "max_steps",
+    "num_epochs",
+    "save_steps",
+    "save_step_dense",
+    "save_step_dense_interval",
+    "eval_steps",
+    "log_interval",
+    "eval_batch_size",
+    "num_workers",
+    "compile",
+    "device",
+    "max_bad_steps",
+    "output_dir",
+    "data_dir",
+}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        if not isinstance(data, dict):
+            raise UserError("configuration is not a mapping")
+        parts = {}
+        for f_ in fields(cls):
+            sub = data.get(f_.name, {})
+            if not isinstance(sub, dict):
+                raise UserError(f"configuration section {f_.name!r} is not a mapping")
+            sub_cls = _SECTIONS[f_.name]
+            known = {g.name for g in fields(sub_cls)}
+            unknown = set(sub) - known
+            if unknown:
+                raise UserError(f"unknown configuration keys in {f_.name}: {sorted(unknown)}")
+            parts[f_.name] = sub_cls(**sub)
+        return cls(**parts)
+
+    def validate(self) -> None:
+        """Raise UserError with one line naming the first invalid value."""
+        m, o, t = self.model, self.objective, self.train
+        _positive("n_layer", m.n_layer)
+        _positive("n_embd", m.n_embd)
+        _positive("n_head", m.n_head)
+        _positive("n_positions", m.n_positions)
+        if m.n_embd % m.n_head:
+            raise UserError(f"--n_embd {m.n_embd} is not divisible by --n_head {m.n_head}")
+        if not 0.0 <= m.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {m.dropout}")
+        if m.vocab_size is not None:
+            _positive("vocab_size", m.vocab_size)
+        if not 0 <= o.k_pred_tok <= 4:
+            raise UserError(f"--k_pred_tok must be between 0 and 4, got {o.k_pred_tok}")
+        if o.distance_metric not in DISTANCE_METRICS:
+            raise UserError(f"unknown --distance_metric {o.distance_metric!r}")
+        if not 0.0 <= o.loss_dropout < 1.0:
+            raise UserError(f"--loss_dropout must be in [0, 1), got {o.loss_dropout}")
+        if o.infonce_temperature <= 0:
+            raise UserError("--infonce_temperature must be positive")
+        if o.lambda_jepa < 0 or o.gamma_ntp < 0:
+            raise UserError("--lambda_jepa and --gamma_ntp must be >= 0")
+        if o.gamma_ntp == 0 and not o.jepa_active:
+            raise UserError("--gamma_ntp 0 with JEPA off leaves nothing to train")
+        for name in ("batch_size", "eval_batch_size", "save_steps", "save_step_dense_interval",
+                     "eval_steps", "log_interval", "max_bad_steps"):
+            _positive(name, getattr(t, name))
+        if t.max_steps is not None:
+            _positive("max_steps", t.max_steps)
+        if t.num_epochs is not None:
+            _positive("num_epochs", t.num_epochs)
+        if t.save_step_dense < 0:
+            raise UserError(f"--save_step_dense must be >= 0, got {t.save_step_dense}")
+        if t.warmup_steps < 0:
+            raise UserError(f"--warmup_steps must be >= 0, got {t.warmup_steps}")
+        if t.learning_rate <= 0:
+            raise UserError(f"--learning_rate must be positive, got {t.learning_rate}")
+        if t.weight_decay < 0 or t.max_grad_norm < 0:
+            raise UserError("--weight_decay and --max_grad_norm must be >= 0")
+        if t.num_workers < 0:
+            raise UserError("--num_workers must be >= 0")
+        if t.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown --scheduler {t.scheduler!r}")
+        if t.valid_split not in SPLITS:
+            raise UserError(f"unknown --valid_split {t.valid_split!r}")
+        if t.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"unknown --device {t.device!r}")
+
+
+_SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig}
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise UserError(f"--{name} must be positive, got {value}")
+
+
+# ----------------------------------------------------------------------------- argparse glue
+
+_BOOL_FLAGS = {
+    # field: (on flag, off flag)
+    "use_jepa": ("--use_jepa", "--no_jepa"),
+    "tie_embeddings": ("--tie_embeddings", "--untie_embeddings"),
+    "position_embeddings": ("--position_embeddings", "--no_position_embeddings"),
+}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UserError(f"{self.prog}: {message}")
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return _ArgumentParser(prog=prog, description=description)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per configuration field; defaults are None so we can tell what was given."""
+    for section, cls in _SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f_ in fields(cls):
+            flag = f_.metadata.get("flag", f_.name)
+            help_ = f_.metadata["help"] + f" (default: {f_.default})"
+            if f_.name in _BOOL_FLAGS:
+                on, off = _BOOL_FLAGS[f_.name]
+                group.add_argument(on, dest=flag, action="store_const", const=True, default=None,
+                                   help=help_)
+                group.add_argument(off, dest=flag, action="store_const", const=False,
+                                   default=None, help=argparse.SUPPRESS)
+                continue
+            conv = {"int": int, "int | None": int, "float": float}.get(str(f_.type), str)
+            group.add_argument(f"--{flag}", dest=flag, type=conv, default=None,
+                               choices=f_.metadata.get("choices"), help=help_)
+    parser.add_argument("--fp16", action="store_true", help="fp16 autocast + GradScaler (CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, bf16 CPUs)")
+
+
+def given_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The configuration values the user gave explicitly, by section."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, cls in _SECTIONS.items():
+        for f_ in fields(cls):
+            value = getattr(args, f_.metadata.get("flag", f_.name), None)
+            if value is not None:
+                out.setdefault(section, {})[f_.name] = value
+    if getattr(args, "fp16", False) and getattr(args, "bf16", False):
+        raise UserError("--fp16 and --bf16 are mutually exclusive")
+    if getattr(args, "fp16", False):
+        out.setdefault("train", {})["precision"] = "fp16"
+    if getattr(args, "bf16", False):
+        out.setdefault("train", {})["precision"] = "bf16"
+    return out
+
+
+def apply_overrides(config: RunConfig, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+    data = config.to_dict()
+    for section, values in overrides.items():
+        data[section].update(values)
+    return RunConfig.from_dict(data)
