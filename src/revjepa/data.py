@@ -271,16 +271,21 @@ def load_vocab(path: Path) -> Vocab:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: malformed JSON: {exc}") from None
+    return vocab_from_mapping(raw, str(path))
+
+
+def vocab_from_mapping(raw: object, where: str) -> Vocab:
+    """Validate a token -> id mapping and derive the special ids and relation table by name."""
     if not isinstance(raw, dict) or not raw:
-        raise UserError(f"{path}: expected a non-empty JSON object token -> id")
+        raise UserError(f"{where}: expected a non-empty JSON object token -> id")
     ids = list(raw.values())
     if not all(type(i) is int for i in ids):
-        raise UserError(f"{path}: every id must be an integer")
+        raise UserError(f"{where}: every id must be an integer")
     if sorted(ids) != list(range(len(ids))):
-        raise UserError(f"{path}: ids must be exactly 0..{len(ids) - 1}, each once")
+        raise UserError(f"{where}: ids must be exactly 0..{len(ids) - 1}, each once")
     for tok in (MASK, PAD, PRED):
         if tok not in raw:
-            raise UserError(f"{path}: vocabulary lacks the required token {tok}")
+            raise UserError(f"{where}: vocabulary lacks the required token {tok}")
     v = len(raw)
     inverse = torch.full((v,), -1, dtype=torch.int64)
     is_entity = torch.ones(v, dtype=torch.bool)
@@ -295,11 +300,11 @@ def load_vocab(path: Path) -> Vocab:
         name, inv = match.groups()
         partner = f"<r_{name}>" if inv else f"<r_{name}_inv>"
         if partner not in raw:
-            raise UserError(f"{path}: relation {tok} has no inverse {partner}")
+            raise UserError(f"{where}: relation {tok} has no inverse {partner}")
         inverse[i] = raw[partner]
         relations += 1
     if relations == 0:
-        raise UserError(f"{path}: vocabulary has no relation tokens <r_i>/<r_i_inv>")
+        raise UserError(f"{where}: vocabulary has no relation tokens <r_i>/<r_i_inv>")
     return Vocab(raw, raw[MASK], raw[PAD], raw[PRED], inverse, is_entity)
 
 

@@ -177,6 +177,9 @@ class GPT2Jepa(nn.Module):
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.lm.load_state_dict(state)
 
+    def export_pretrained(self, out_dir) -> None:
+        self.lm.save_pretrained(out_dir, safe_serialization=True)
+
     def reverse(self, seq: torch.Tensor) -> torch.Tensor:
         """e1 r <mask> e2  ->  e2 r_inv <mask> e1, on the device, for a batch of sequences."""
         e = self.entity_len

@@ -1,0 +1,127 @@
+"""Checkpoints: atomic save with a content checksum, verified `weights_only` load, find latest.
+
+A checkpoint is a plain dict (seed key names: model_state_dict, optimizer_state_dict,
+scheduler_state_dict, step, epoch) of tensors and plain data only, so `torch.load(path,
+weights_only=True)` reads it. `checksum` is a SHA-256 over every other entry; a truncated or
+corrupted file is reported by name and skipped by `--resume_from latest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
+FORMAT = "revjepa-checkpoint-1"
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Hash an object tree deterministically (dict keys sorted, tensors by dtype/shape/bytes)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, obj[key])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for item in obj:
+            _feed(h, item)
+        h.update(b"]")
+    else:
+        h.update(repr(obj).encode())
+
+
+def content_checksum(state: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: temporary file, fsync, rename. Never leaves a partial `path`."""
+    state = dict(state, format=FORMAT)
+    state["checksum"] = content_checksum(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Load with weights_only=True and verify the checksum; UserError naming the file if bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
+            IndexError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupted?): "
+                        f"{first[:200]}") from None
+    except Exception as exc:  # unpickling errors have no common base class
+        raise UserError(f"{path}: not a loadable checkpoint: {type(exc).__name__}") from None
+    if not isinstance(state, dict) or "model_state_dict" not in state or "config" not in state:
+        raise UserError(f"{path}: not a revjepa checkpoint (model_state_dict/config missing)")
+    if verify and "checksum" in state and content_checksum(state) != state["checksum"]:
+        raise UserError(f"{path}: checksum mismatch: the checkpoint is corrupted")
+    return state
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """`checkpoint_step_*.pt` files in a directory, by step."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        match = CHECKPOINT_RE.match(p.name)
+        if match:
+            found.append((int(match.group(1)), p))
+    return sorted(found)
+
+
+def find_latest_valid(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """Newest checkpoint that loads and verifies; invalid ones are reported and skipped."""
+    for _step, path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as exc:
+            print(f"skipping invalid checkpoint: {exc}", file=sys.stderr)
+    return None

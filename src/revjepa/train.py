@@ -1,0 +1,518 @@
+"""The step-based training loop (single process or torchrun/DDP).
+
+Step N means N optimizer updates done. The batch of a step is a pure function of (seed, step):
+one seeded permutation per epoch, global batch = batch_size x world size, rank r takes slice r.
+So resuming needs only the step, and 1-process and N-process runs see the same examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import find_latest_valid, load_checkpoint, save_checkpoint
+from .config import RESUMABLE_OVERRIDES, RunConfig
+from .data import Dataset, load_dataset
+from .errors import UserError
+from .evaluate import append_jsonl, evaluate_split, read_jsonl
+from .model import build_model, collapse_signal
+from .schedule import checkpoint_steps, lr_multiplier, should_eval, should_save
+
+log = logging.getLogger("revjepa.train")
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_kind: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(requested: str, d: Dist) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device, notice) -> str:
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            notice("bf16 is not supported on this GPU: training in float32")
+            return "fp32"
+        if device.type == "cpu" and not _cpu_has_bf16():
+            notice("this CPU has no native bf16 support: training in float32")
+            return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        notice("fp16 autocast needs CUDA: training in float32")
+        return "fp32"
+    return precision
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def loss_dropout_keep(seed: int, step: int, n: int, p: float) -> torch.Tensor:
+    """Per-item keep mask of the global batch, a pure function of (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 7_919 + step + 1)
+    return torch.rand(n, generator=g) >= p
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (attention/MLP weights and the embeddings), not on biases/LayerNorm."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.signal = signum
+
+
+class RunLock:
+    """One trainer per output directory; the OS drops the lock when the process dies."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / ".lock"
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            raise UserError(f"{output_dir}: another trainer is running in this directory") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"{os.getpid()}\n")
+        self.fh.flush()
+
+
+def setup_logging(output_dir: Path | None, main: bool) -> None:
+    log.handlers.clear()
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if output_dir is not None and main:
+        fh = logging.FileHandler(output_dir / "training.log")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+
+
+# ----------------------------------------------------------------------------- run set-up
+
+
+def resolve_run(config: RunConfig, overrides: dict[str, dict[str, Any]],
+                resume_from: str | None) -> tuple[RunConfig, dict[str, Any] | None, Path | None]:
+    """Apply resume semantics: the checkpoint's configuration wins, except resumable fields."""
+    output_dir = Path(config.train.output_dir)
+    if resume_from is None:
+        return config, None, None
+    if resume_from == "latest":
+        found = find_latest_valid(output_dir / "checkpoints")
+        if found is None:
+            return config, None, None  # nothing to resume: a fresh start (requeue-safe)
+        path, state = found
+    else:
+        path = Path(resume_from)
+        state = load_checkpoint(path)
+    saved = RunConfig.from_dict(state["config"])
+    conflicts = []
+    for section, values in overrides.items():
+        saved_section = getattr(saved, section)
+        for name, value in values.items():
+            if name in RESUMABLE_OVERRIDES:
+                continue
+            if getattr(saved_section, name) != value:
+                conflicts.append(f"--{name} {value} (checkpoint: {getattr(saved_section, name)})")
+    if conflicts:
+        raise UserError(f"{path}: flags conflict with the checkpoint's run: {', '.join(conflicts)}")
+    merged = saved.to_dict()
+    for section, values in overrides.items():
+        for name, value in values.items():
+            if name in RESUMABLE_OVERRIDES:
+                merged[section][name] = value
+    if "output_dir" not in overrides.get("train", {}) and resume_from != "latest":
+        # resuming from an explicit path: keep writing next to that checkpoint's run
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        merged["train"]["output_dir"] = str(run_dir)
+    resolved = RunConfig.from_dict(merged)
+    resolved.validate()
+    return resolved, state, path
+
+
+def check_output_dir(output_dir: Path, config: RunConfig, resuming: bool) -> None:
+    """Refuse to start a fresh run on top of another run's files."""
+    if resuming or not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} exists and is not a directory")
+    entries = [p for p in output_dir.iterdir() if p.name != ".lock"]
+    if not entries:
+        return
+    args_path = output_dir / "training_args.json"
+    if args_path.is_file():
+        raise UserError(f"--output_dir {output_dir} already holds a run: resume it with "
+                        "--resume_from latest or choose another directory")
+    raise UserError(f"--output_dir {output_dir} is not empty and is not a revjepa run")
+
+
+def steps_per_epoch(n_train: int, global_batch: int, where: str) -> int:
+    if n_train < global_batch:
+        raise UserError(f"{where}: {n_train} training items are fewer than one global batch "
+                        f"({global_batch}); lower --batch_size")
+    return n_train // global_batch
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(config: RunConfig, overrides: dict[str, dict[str, Any]] | None = None,
+          resume_from: str | None = None) -> Path:
+    """Train (or resume) a run; returns the output directory."""
+    overrides = overrides or {}
+    config.validate()
+    config, state, resume_path = resolve_run(config, overrides, resume_from)
+    tc = config.train
+    d = init_distributed("cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu")
+    try:
+        return _train(config, state, resume_path, d)
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: RunConfig, state: dict[str, Any] | None, resume_path: Path | None,
+           d: Dist) -> Path:
+    tc, oc = config.train, config.objective
+    output_dir = Path(tc.output_dir)
+    ckpt_dir = output_dir / "checkpoints"
+    if d.main:
+        check_output_dir(output_dir, config, state is not None)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir(exist_ok=True)
+        lock = RunLock(output_dir)  # noqa: F841  (held for the life of the run)
+    setup_logging(output_dir if d.main else None, d.main)
+    device = resolve_device(tc.device, d)
+    precision = resolve_precision(tc.precision, device, log.warning)
+
+    dataset: Dataset = load_dataset(tc.data_dir)
+    train_split = dataset.train
+    global_batch = tc.batch_size * d.world
+    spe = steps_per_epoch(len(train_split), global_batch, tc.data_dir)
+    if tc.max_steps is not None:
+        max_steps = tc.max_steps
+        if tc.num_epochs is not None:
+            log.info(f"--max_steps {tc.max_steps} given: it wins over --num_epochs {tc.num_epochs}")
+    elif tc.num_epochs is not None:
+        max_steps = tc.num_epochs * spe
+    else:
+        max_steps = tc.total_steps_default
+
+    torch.manual_seed(tc.seed)
+    model = build_model(config.model, oc, dataset.vocab, dataset.entity_len).to(device)
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate,
+                                  betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+    start_step, best_mrr = 0, -math.inf
+    if state is not None:
+        if state.get("vocab") != dataset.vocab.token_to_id:
+            raise UserError(f"{resume_path}: the checkpoint's vocabulary does not match "
+                            f"{tc.data_dir}/vocab.json")
+        model.load_hf_state_dict(state["model_state_dict"])
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+        if state.get("scaler_state_dict"):
+            scaler.load_state_dict(state["scaler_state_dict"])
+        start_step = int(state["step"])
+        best_mrr = float(state.get("best_mrr", -math.inf))
+        torch.set_rng_state(state["rng_state"]["cpu"])
+        if device.type == "cuda" and state["rng_state"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_state"]["cuda"], device)
+    if start_step >= max_steps:
+        raise UserError(f"the run is already at step {start_step} >= --max_steps {max_steps}")
+
+    run_model: torch.nn.Module = model
+    if d.enabled:
+        run_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda"):
+        try:
+            run_model = torch.compile(run_model, dynamic=True)
+        except Exception as exc:  # compile support varies by platform
+            log.warning(f"torch.compile unavailable ({type(exc).__name__}): running eagerly")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    resolved = config.to_dict()
+    resolved["resolved"] = {"max_steps": max_steps, "steps_per_epoch": spe,
+                            "world_size": d.world, "global_batch_size": global_batch,
+                            "precision": precision, "device": str(device),
+                            "parameters": n_params}
+    metrics_path = output_dir / "metrics.jsonl"
+    if d.main:
+        (output_dir / "training_args.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        _truncate_metrics(metrics_path, start_step)
+        n_ckpt = len([s for s in checkpoint_steps(max_steps, tc.save_steps, tc.save_step_dense,
+                                                  tc.save_step_dense_interval) if s > start_step])
+        log.info(f"device {device} | precision {precision} | world size {d.world} | "
+                 f"parameters {n_params:,}")
+        log.info(f"train items {len(train_split):,} | batch {tc.batch_size} per process, global "
+                 f"{global_batch} | steps per epoch {spe:,} | max steps {max_steps:,} "
+                 f"(~{max_steps / spe:.1f} epochs) | {n_ckpt} checkpoints to write")
+        if state is not None:
+            log.info(f"resumed from {resume_path} at step {start_step}")
+        log.info(f"output: {output_dir}")
+
+    seq_all = train_split.seq.to(device)
+    kind_all = train_split.kind.to(device)
+    valid_split = dataset.valid[tc.valid_split]
+    preempt = Preemption()
+    params = [p for p in model.parameters() if p.requires_grad]
+    bad_run = 0
+    running = torch.zeros(2, device=device)  # this rank's share of the global ntp, jepa means
+    steps_in_window = 0
+    t_last, step_last = time.perf_counter(), start_step
+    epoch_cached, perm = -1, None
+    progress = _progress(d.main, start_step, max_steps)
+
+    step = start_step
+    while step < max_steps:
+        # ---- batch: a tensor index into the data on the device
+        epoch, pos = divmod(step, spe)
+        if epoch != epoch_cached:
+            perm = epoch_permutation(tc.seed, epoch, len(train_split)).to(device)
+            epoch_cached = epoch
+        global_idx = perm[pos * global_batch : (pos + 1) * global_batch]
+        local_idx = global_idx[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size]
+        seq, kind = seq_all[local_idx], kind_all[local_idx]
+        keep = None
+        if oc.loss_dropout > 0:
+            keep = loss_dropout_keep(tc.seed, step, global_batch, oc.loss_dropout)
+            keep = keep[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size].to(device)
+
+        # ---- losses, normalised by global counts (equal gradients whatever the world size)
+        lr = tc.learning_rate * lr_multiplier(step, tc.warmup_steps, max_steps, tc.scheduler)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, precision):
+            out = run_model(seq, kind, keep)
+        counts = torch.stack([out.ntp_count, out.jepa_count]).float()
+        if d.enabled:
+            dist.all_reduce(counts)
+        ntp = out.ntp_sum / counts[0].clamp(min=1)
+        jepa = out.jepa_sum / counts[1].clamp(min=1)
+        loss = oc.gamma_ntp * ntp + (oc.lambda_jepa * jepa if oc.jepa_active else 0.0)
+        scaler.scale(loss * d.world).backward()
+
+        # ---- update; a non-finite step is skipped inside the fused optimizer (no host sync)
+        scaler.unscale_(optimizer)
+        clip = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        # grad_norm is the same on every rank (gradients are all-reduced); a NaN/inf loss gives a
+        # NaN/inf norm, so this one flag covers both and all ranks skip the same steps.
+        bad = ~torch.isfinite(grad_norm)
+        if precision == "fp16":
+            scaler.step(optimizer)  # the scaler skips inf/NaN steps itself
+            scaler.update()
+        else:
+            optimizer.found_inf = bad.float()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        running += torch.stack([ntp.detach(), jepa.detach()]).float()
+        steps_in_window += 1
+
+        # ---- non-finite guard: checked every step on CPU (free), at log steps on GPU
+        if device.type == "cpu" or step % tc.log_interval == 0:
+            bad_run = bad_run + 1 if bool(bad) else 0
+            if bad_run >= tc.max_bad_steps:
+                latest = find_latest_valid(ckpt_dir) if d.main else None
+                raise UserError(
+                    f"stopping at step {step}: {bad_run} consecutive non-finite steps (loss "
+                    f"{float(loss):.4g}, grad norm {float(grad_norm):.4g}); last good checkpoint: "
+                    f"{latest[0] if latest else 'none'}")
+        if progress is not None:
+            progress.update(1)
+
+        # ---- logging, evaluation, checkpoints
+        record: dict[str, Any] = {}
+        if step % tc.log_interval == 0 or step == max_steps:
+            if d.enabled:
+                dist.all_reduce(running)
+            ntp_mean, jepa_mean = (running / steps_in_window).tolist()
+            total = oc.gamma_ntp * ntp_mean + (oc.lambda_jepa * jepa_mean if oc.jepa_active else 0)
+            now = time.perf_counter()
+            record.update(step=step, epoch=step / spe, lr=lr, loss=total, ntp_loss=ntp_mean,
+                          jepa_loss=jepa_mean, grad_norm=float(grad_norm),
+                          steps_per_s=(step - step_last) / max(now - t_last, 1e-9))
+            if out.pred_embeddings is not None:
+                record.update({k: float(v) for k, v in collapse_signal(out.pred_embeddings).items()})
+            running.zero_()
+            steps_in_window = 0
+            t_last, step_last = now, step
+        if should_eval(step, tc.eval_steps, max_steps):
+            if d.main:
+                metrics = evaluate_split(model, valid_split, tc.eval_batch_size)
+                record.update(step=step, epoch=step / spe, **{
+                    f"eval_{tc.valid_split}_{k}": v for k, v in metrics.items()})
+                if metrics["mrr"] > best_mrr:
+                    best_mrr = metrics["mrr"]
+                    save_checkpoint(ckpt_dir / "best_model.pt", _state(
+                        model, optimizer, scaler, config, dataset, step, spe, best_mrr, device))
+            if d.enabled:
+                best = torch.tensor([best_mrr], device=device, dtype=torch.float64)
+                dist.broadcast(best, 0)
+                best_mrr = float(best)
+        if record and d.main:
+            append_jsonl(metrics_path, record)
+            _log_record(record, progress, tc.valid_split)
+        stop = preempt.signal is not None
+        if d.enabled and (step % min(tc.log_interval, 10) == 0 or step == max_steps):
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        elif d.enabled:
+            stop = False  # ranks agree on stopping only at synchronised steps
+        if should_save(step, tc.save_steps, tc.save_step_dense, tc.save_step_dense_interval,
+                       max_steps) or stop:
+            if d.main:
+                path = ckpt_dir / f"checkpoint_step_{step}.pt"
+                save_checkpoint(path, _state(model, optimizer, scaler, config, dataset, step,
+                                             spe, best_mrr, device))
+                log.info(f"saved {path}")
+            if d.enabled:
+                dist.barrier()
+        if stop:
+            log.info(f"received signal {preempt.signal}: checkpointed step {step}; resume with "
+                     "--resume_from latest")
+            break
+    if progress is not None:
+        progress.close()
+    if d.main and step == max_steps:
+        log.info(f"done: {max_steps} steps; checkpoints in {ckpt_dir}; metrics in {metrics_path}")
+    return output_dir
+
+
+def _state(model, optimizer, scaler, config: RunConfig, dataset: Dataset, step: int, spe: int,
+           best_mrr: float, device: torch.device) -> dict[str, Any]:
+    return {
+        "model_state_dict": model.hf_state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "scheduler_state_dict": {"name": config.train.scheduler, "last_step": step},
+        "scaler_state_dict": scaler.state_dict() if scaler.is_enabled() else {},
+        "step": step,
+        "epoch": step // spe,
+        "batch_in_epoch": step % spe,
+        "best_mrr": best_mrr,
+        "rng_state": {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        },
+        "config": config.to_dict(),
+        "family": config.model.family,
+        "vocab": dataset.vocab.token_to_id,
+        "entity_len": dataset.entity_len,
+    }
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """Drop records past the resumed step and any half-written line (exact metrics after resume)."""
+    if not path.exists():
+        return
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+def _progress(main: bool, start: int, total: int):
+    if not main or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _log_record(record: dict[str, Any], progress, valid_split: str) -> None:
+    parts = [f"step {record['step']}"]
+    for key in ("loss", "ntp_loss", "jepa_loss", "lr", "steps_per_s", "pred_mean_cos"):
+        if key in record:
+            parts.append(f"{key} {record[key]:.4g}")
+    mrr_key = f"eval_{valid_split}_mrr"
+    if mrr_key in record:
+        parts.append(f"{valid_split} mrr {record[mrr_key]:.4f}")
+    line = " | ".join(parts)
+    if progress is not None:
+        progress.set_postfix_str(line, refresh=False)
+        progress.write(line)
+        with contextlib.suppress(Exception):
+            for h in log.handlers:
+                if isinstance(h, logging.FileHandler):
+                    h.emit(logging.makeLogRecord({"msg": line}))
+    else:
+        log.info(line)
