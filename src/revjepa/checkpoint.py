@@ -91,11 +91,20 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
         raise UserError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
-            IndexError, TypeError) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+    ) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupted?): "
-                        f"{first[:200]}") from None
+        raise UserError(
+            f"{path}: not a readable checkpoint (truncated or corrupted?): {first[:200]}"
+        ) from None
     except Exception as exc:  # unpickling errors have no common base class
         raise UserError(f"{path}: not a loadable checkpoint: {type(exc).__name__}") from None
     if not isinstance(state, dict) or "model_state_dict" not in state or "config" not in state:

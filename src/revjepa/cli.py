@@ -20,22 +20,46 @@ def cmd_gen_data(argv: list[str]) -> int:
 
     p = new_parser("revjepa gen-data", "Generate the inversion (reversal) dataset.")
     defaults = GenConfig()
-    p.add_argument("--num_ga_entities", type=int, default=defaults.num_ga_entities,
-                   help="group-A entities: facts in both directions (default 50000)")
-    p.add_argument("--gb_ratio", type=float, default=defaults.gb_ratio,
-                   help="|B| = gb_ratio x |A|: facts in one direction, reverse held out (0.6)")
-    p.add_argument("--num_rel_pairs", type=int, default=defaults.num_rel_pairs,
-                   help="relation pairs r_i / r_i_inv (6)")
-    p.add_argument("--comb", type=int, default=defaults.comb,
-                   help="entities sharing each first/last name token (10); 0 = one token each")
-    p.add_argument("--test_size", type=int, default=defaults.test_size,
-                   help="items per validation split (3000)")
+    p.add_argument(
+        "--num_ga_entities",
+        type=int,
+        default=defaults.num_ga_entities,
+        help="group-A entities: facts in both directions (default 50000)",
+    )
+    p.add_argument(
+        "--gb_ratio",
+        type=float,
+        default=defaults.gb_ratio,
+        help="|B| = gb_ratio x |A|: facts in one direction, reverse held out (0.6)",
+    )
+    p.add_argument(
+        "--num_rel_pairs",
+        type=int,
+        default=defaults.num_rel_pairs,
+        help="relation pairs r_i / r_i_inv (6)",
+    )
+    p.add_argument(
+        "--comb",
+        type=int,
+        default=defaults.comb,
+        help="entities sharing each first/last name token (10); 0 = one token each",
+    )
+    p.add_argument(
+        "--test_size",
+        type=int,
+        default=defaults.test_size,
+        help="items per validation split (3000)",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (42)")
-    p.add_argument("--output_dir", default=None,
-                   help="default data/inversionidcomb{comb}.{nA}.{nB} (data/inversionid.{nA}.{nB} "
-                        "with --comb 0)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing dataset in --output_dir")
+    p.add_argument(
+        "--output_dir",
+        default=None,
+        help="default data/inversionidcomb{comb}.{nA}.{nB} (data/inversionid.{nA}.{nB} "
+        "with --comb 0)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing dataset in --output_dir"
+    )
     a = p.parse_args(argv)
     cfg = GenConfig(a.num_ga_entities, a.gb_ratio, a.num_rel_pairs, a.comb, a.test_size, a.seed)
     cfg.validate()
@@ -56,9 +80,12 @@ def cmd_gen_data(argv: list[str]) -> int:
 def _train_parser(prog: str) -> argparse.ArgumentParser:
     p = new_parser(prog, "Step-based GPT-2 + JEPA training (single process or torchrun).")
     add_config_arguments(p)
-    p.add_argument("--resume_from", default=None,
-                   help="checkpoint path, or 'latest' (newest valid checkpoint in --output_dir; "
-                        "a fresh start if there is none)")
+    p.add_argument(
+        "--resume_from",
+        default=None,
+        help="checkpoint path, or 'latest' (newest valid checkpoint in --output_dir; "
+        "a fresh start if there is none)",
+    )
     return p
 
 
@@ -79,10 +106,16 @@ def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:
     from .evaluate import best_steps, evaluate_checkpoint, format_table, sweep_directory
 
     p = new_parser(prog, "Evaluate a checkpoint (or every checkpoint of a run) on all splits.")
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint_step_X.pt / best_model.pt, or a run's checkpoints/ directory")
-    p.add_argument("--data_dir", default=None,
-                   help="dataset directory (default: the one stored in the checkpoint)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint_step_X.pt / best_model.pt, or a run's checkpoints/ directory",
+    )
+    p.add_argument(
+        "--data_dir",
+        default=None,
+        help="dataset directory (default: the one stored in the checkpoint)",
+    )
     p.add_argument("--batch_size", type=int, default=256, help="items per batch (256)")
     p.add_argument("--output", default=None, help="write the results as JSON to this file")
     p.add_argument("--splits", default="train,atomic,test", help="comma-separated splits")

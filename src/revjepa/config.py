@@ -61,8 +61,12 @@ class TrainConfig:
     output_dir: str = _f("runs/jepa", "run directory (checkpoints, logs, metrics)")
     batch_size: int = _f(256, "training items per step per process (global = x world size)")
     eval_batch_size: int = _f(256, "items per evaluation batch")
-    max_steps: int | None = _f(None, "optimizer steps to train (default 3,000,000; wins over --num_epochs)")
-    num_epochs: int | None = _f(None, "full passes over the training set (when --max_steps is not given)")
+    max_steps: int | None = _f(
+        None, "optimizer steps to train (default 3,000,000; wins over --num_epochs)"
+    )
+    num_epochs: int | None = _f(
+        None, "full passes over the training set (when --max_steps is not given)"
+    )
     learning_rate: float = _f(1e-4, "peak learning rate")
     weight_decay: float = _f(0.01, "AdamW weight decay on matrices only")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
@@ -74,10 +78,14 @@ class TrainConfig:
     eval_steps: int = _f(5_000, "evaluation interval on --valid_split")
     log_interval: int = _f(100, "steps between log lines / metrics.jsonl records")
     seed: int = _f(42, "seed of initialisation, data order, dropout and loss dropout")
-    num_workers: int = _f(0, "accepted for compatibility: batches are tensor indices, no loader workers")
+    num_workers: int = _f(
+        0, "accepted for compatibility: batches are tensor indices, no loader workers"
+    )
     valid_split: str = _f("test", "split evaluated during training", choices=SPLITS)
     precision: str = _f("fp32", "fp32 | bf16 | fp16 (see --bf16 / --fp16)", choices=PRECISIONS)
-    compile: str = _f("auto", "torch.compile: auto (on for CUDA), on, off", choices=("auto", "on", "off"))
+    compile: str = _f(
+        "auto", "torch.compile: auto (on for CUDA), on, off", choices=("auto", "on", "off")
+    )
     max_bad_steps: int = _f(20, "stop after this many consecutive non-finite steps")
     device: str = _f("auto", "auto | cpu | cuda")
 
@@ -156,8 +164,15 @@ class RunConfig:
             raise UserError("--lambda_jepa and --gamma_ntp must be >= 0")
         if o.gamma_ntp == 0 and not o.jepa_active:
             raise UserError("--gamma_ntp 0 with JEPA off leaves nothing to train")
-        for name in ("batch_size", "eval_batch_size", "save_steps", "save_step_dense_interval",
-                     "eval_steps", "log_interval", "max_bad_steps"):
+        for name in (
+            "batch_size",
+            "eval_batch_size",
+            "save_steps",
+            "save_step_dense_interval",
+            "eval_steps",
+            "log_interval",
+            "max_bad_steps",
+        ):
             _positive(name, getattr(t, name))
         if t.max_steps is not None:
             _positive("max_steps", t.max_steps)
@@ -217,14 +232,27 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             help_ = f_.metadata["help"] + f" (default: {f_.default})"
             if f_.name in _BOOL_FLAGS:
                 on, off = _BOOL_FLAGS[f_.name]
-                group.add_argument(on, dest=flag, action="store_const", const=True, default=None,
-                                   help=help_)
-                group.add_argument(off, dest=flag, action="store_const", const=False,
-                                   default=None, help=argparse.SUPPRESS)
+                group.add_argument(
+                    on, dest=flag, action="store_const", const=True, default=None, help=help_
+                )
+                group.add_argument(
+                    off,
+                    dest=flag,
+                    action="store_const",
+                    const=False,
+                    default=None,
+                    help=argparse.SUPPRESS,
+                )
                 continue
             conv = {"int": int, "int | None": int, "float": float}.get(str(f_.type), str)
-            group.add_argument(f"--{flag}", dest=flag, type=conv, default=None,
-                               choices=f_.metadata.get("choices"), help=help_)
+            group.add_argument(
+                f"--{flag}",
+                dest=flag,
+                type=conv,
+                default=None,
+                choices=f_.metadata.get("choices"),
+                help=help_,
+            )
     parser.add_argument("--fp16", action="store_true", help="fp16 autocast + GradScaler (CUDA)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, bf16 CPUs)")
 

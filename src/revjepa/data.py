@@ -221,9 +221,11 @@ def write_generated(gen: Generated, out_dir: Path) -> dict[str, Path]:
     """Write train/valid/vocab JSON atomically (temporary file + rename)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kinds = [KINDS[k] for k in gen.train_kind.tolist()]
-    valid_json = "{" + ", ".join(
-        f'"{s}": {_items_json(gen.valid[s], s, gen.entity_len)}' for s in KINDS
-    ) + "}"
+    valid_json = (
+        "{"
+        + ", ".join(f'"{s}": {_items_json(gen.valid[s], s, gen.entity_len)}' for s in KINDS)
+        + "}"
+    )
     files = {
         "train.json": _items_json(gen.train_seq, kinds, gen.entity_len),
         "valid.json": valid_json,
@@ -337,8 +339,9 @@ def _iter_array(text: str, path: Path, start: int = 0, what: str = "array"):
         pos = _WS.match(text, pos + 1).end()
 
 
-def _items_to_split(items, path: Path, what: str, vocab: Vocab, entity_len: int | None,
-                    expected_kind: str | None) -> tuple[Split, int]:
+def _items_to_split(
+    items, path: Path, what: str, vocab: Vocab, entity_len: int | None, expected_kind: str | None
+) -> tuple[Split, int]:
     rows: list[list[int]] = []
     kinds: list[int] = []
     for index, item in items:
@@ -374,8 +377,9 @@ def _check_ids(seq: torch.Tensor, vocab: Vocab, path: Path, what: str, e: int) -
     bad = (seq < 0) | (seq >= vocab.size)
     if bad.any():
         row = int(bad.any(1).nonzero()[0])
-        raise UserError(f"{path}: {what} item {row} has a token id outside the vocabulary "
-                        f"(size {vocab.size})")
+        raise UserError(
+            f"{path}: {what} item {row} has a token id outside the vocabulary (size {vocab.size})"
+        )
     checks = [
         (~vocab.is_entity[seq[:, :e]].all(1), "an entity position holds a non-entity token"),
         (~vocab.is_entity[seq[:, e + 2 :]].all(1), "an entity position holds a non-entity token"),
@@ -400,8 +404,9 @@ def load_dataset(data_dir: str | Path, with_train: bool = True) -> Dataset:
     if with_train:
         train_path = data_dir / "train.json"
         text = _read_text(train_path)
-        train, e = _items_to_split(_iter_array(text, train_path), train_path, "train.json",
-                                   vocab, entity_len, None)
+        train, e = _items_to_split(
+            _iter_array(text, train_path), train_path, "train.json", vocab, entity_len, None
+        )
         del text
         if bool((train.kind == KIND_ID["test"]).any()):
             raise UserError(f"{train_path}: contains items of type 'test' (held-out facts)")

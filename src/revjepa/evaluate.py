@@ -27,8 +27,17 @@ from .data import KINDS, Dataset, Split, load_dataset, vocab_from_mapping
 from .errors import UserError
 from .model import build_model
 
-METRIC_KEYS = ("loss", "ntp_loss", "jepa_loss", "mrr", "mrr_token1", "mrr_token2", "mrr_joint",
-               "joint_nll", "joint_accuracy")
+METRIC_KEYS = (
+    "loss",
+    "ntp_loss",
+    "jepa_loss",
+    "mrr",
+    "mrr_token1",
+    "mrr_token2",
+    "mrr_joint",
+    "joint_nll",
+    "joint_accuracy",
+)
 
 
 def token_ranks(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -37,8 +46,9 @@ def token_ranks(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 + (logits > target_logit).sum(1)
 
 
-def joint_ranks(logp1: torch.Tensor, logp2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor,
-                chunk: int = 128) -> torch.Tensor:
+def joint_ranks(
+    logp1: torch.Tensor, logp2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, chunk: int = 128
+) -> torch.Tensor:
     """1 + #{(i, j): logp1[i] + logp2[j] > logp1[t1] + logp2[t2]}, O(V log V) per item."""
     out = []
     v = logp2.shape[1]
@@ -64,8 +74,14 @@ def item_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch
     nll1 = -logp1.gather(1, t1[:, None]).squeeze(1)
     if logits.shape[1] == 1:
         rr1 = 1.0 / rank1.double()
-        return {"rr1": rr1, "rr2": rr1, "rr": rr1, "correct": (rank1 == 1).double(),
-                "nll": nll1.double(), "rr_joint": rr1}
+        return {
+            "rr1": rr1,
+            "rr2": rr1,
+            "rr": rr1,
+            "correct": (rank1 == 1).double(),
+            "nll": nll1.double(),
+            "rr_joint": rr1,
+        }
     logp2 = torch.log_softmax(logits[:, 1], -1)
     t2 = targets[:, 1]
     rank2 = token_ranks(logits[:, 1], t2)
@@ -94,9 +110,12 @@ def _summarise(items: dict[str, list[torch.Tensor]]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_split(model: torch.nn.Module, split: Split, batch_size: int,
-                   per_layer: bool = False) -> dict[str, Any]:
+def evaluate_split(
+    model: torch.nn.Module, split: Split, batch_size: int, per_layer: bool = False
+) -> dict[str, Any]:
     """All metrics of one split, float32, eval mode, batches as tensor slices."""
+    if hasattr(model, "evaluate_split"):  # a model family with its own metrics
+        return model.evaluate_split(split, batch_size, per_layer)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -123,46 +142,59 @@ def evaluate_split(model: torch.nn.Module, split: Split, batch_size: int,
     ntp = sums["ntp_sum"] / max(sums["ntp_count"], 1.0)
     jepa = sums["jepa_sum"] / sums["jepa_count"] if sums["jepa_count"] else 0.0
     result: dict[str, Any] = {
-        "loss": objective.gamma_ntp * ntp + (objective.lambda_jepa * jepa if objective.jepa_active else 0.0),
+        "loss": objective.gamma_ntp * ntp
+        + (objective.lambda_jepa * jepa if objective.jepa_active else 0.0),
         "ntp_loss": ntp,
         "jepa_loss": jepa,
         **_summarise(items),
         "num_samples": int(seq.shape[0]),
     }
     if per_layer:
-        result["per_layer"] = [dict(layer=i, **_summarise(store))
-                               for i, store in enumerate(layer_items)]
+        result["per_layer"] = [
+            dict(layer=i, **_summarise(store)) for i, store in enumerate(layer_items)
+        ]
     return result
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def model_from_checkpoint(state: dict[str, Any], dataset: Dataset | None = None,
-                          where: str = "checkpoint") -> tuple[torch.nn.Module, RunConfig]:
+def model_from_checkpoint(
+    state: dict[str, Any], dataset: Dataset | None = None, where: str = "checkpoint"
+) -> tuple[torch.nn.Module, RunConfig]:
     """Rebuild the model from the configuration stored in a checkpoint (data only to cross-check)."""
     config = RunConfig.from_dict(state["config"])
     vocab = vocab_from_mapping(state.get("vocab"), f"{where} (stored vocabulary)")
     entity_len = int(state.get("entity_len", 0))
     if dataset is not None:
         if dataset.vocab.token_to_id != vocab.token_to_id:
-            raise UserError(f"{where}: its vocabulary ({vocab.size} tokens) does not match the "
-                            f"data directory's vocab.json ({dataset.vocab.size} tokens)")
+            raise UserError(
+                f"{where}: its vocabulary ({vocab.size} tokens) does not match the "
+                f"data directory's vocab.json ({dataset.vocab.size} tokens)"
+            )
         if dataset.entity_len != entity_len:
-            raise UserError(f"{where}: trained on {entity_len}-token entities, the data has "
-                            f"{dataset.entity_len}-token entities")
+            raise UserError(
+                f"{where}: trained on {entity_len}-token entities, the data has "
+                f"{dataset.entity_len}-token entities"
+            )
     model = build_model(config.model, config.objective, vocab, entity_len)
     try:
         model.load_hf_state_dict(state["model_state_dict"])
     except (RuntimeError, KeyError) as exc:
-        raise UserError(f"{where}: model weights do not fit its configuration: "
-                        f"{str(exc).splitlines()[0][:200]}") from None
+        raise UserError(
+            f"{where}: model weights do not fit its configuration: {str(exc).splitlines()[0][:200]}"
+        ) from None
     return model, config
 
 
-def evaluate_checkpoint(path: Path, dataset: Dataset, batch_size: int,
-                        splits: tuple[str, ...] = KINDS, per_layer: bool = False,
-                        device: str = "cpu") -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: Path,
+    dataset: Dataset,
+    batch_size: int,
+    splits: tuple[str, ...] = KINDS,
+    per_layer: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
     state = load_checkpoint(path)
     model, config = model_from_checkpoint(state, dataset, str(path))
     model.to(device)
@@ -171,36 +203,47 @@ def evaluate_checkpoint(path: Path, dataset: Dataset, batch_size: int,
         "step": int(state.get("step", 0)),
         "config": config.to_dict(),
         "eval_batch_size": batch_size,
-        "splits": {name: evaluate_split(model, dataset.valid[name], batch_size, per_layer)
-                   for name in splits},
+        "splits": {
+            name: evaluate_split(model, dataset.valid[name], batch_size, per_layer)
+            for name in splits
+        },
     }
     return results
 
 
 def format_table(results: dict[str, Any]) -> str:
-    header = (f"{'split':<8} {'NTP loss':>9} {'MRR avg':>8} {'MRR tok1':>9} {'MRR tok2':>9} "
-              f"{'MRR joint':>10} {'joint NLL':>10} {'joint acc':>10}")
+    header = (
+        f"{'split':<8} {'NTP loss':>9} {'MRR avg':>8} {'MRR tok1':>9} {'MRR tok2':>9} "
+        f"{'MRR joint':>10} {'joint NLL':>10} {'joint acc':>10}"
+    )
     lines = [f"step {results['step']}  ({results['checkpoint']})", header, "-" * len(header)]
     for name, m in results["splits"].items():
-        lines.append(f"{name:<8} {m['ntp_loss']:>9.4f} {m['mrr']:>8.4f} {m['mrr_token1']:>9.4f} "
-                     f"{m['mrr_token2']:>9.4f} {m['mrr_joint']:>10.4f} {m['joint_nll']:>10.4f} "
-                     f"{m['joint_accuracy']:>10.4f}")
+        lines.append(
+            f"{name:<8} {m['ntp_loss']:>9.4f} {m['mrr']:>8.4f} {m['mrr_token1']:>9.4f} "
+            f"{m['mrr_token2']:>9.4f} {m['mrr_joint']:>10.4f} {m['joint_nll']:>10.4f} "
+            f"{m['joint_accuracy']:>10.4f}"
+        )
         for layer in m.get("per_layer", []):
-            lines.append(f"  L{layer['layer']:<5} {'':>9} {layer['mrr']:>8.4f} "
-                         f"{layer['mrr_token1']:>9.4f} {layer['mrr_token2']:>9.4f} "
-                         f"{layer['mrr_joint']:>10.4f} {layer['joint_nll']:>10.4f} "
-                         f"{layer['joint_accuracy']:>10.4f}")
+            lines.append(
+                f"  L{layer['layer']:<5} {'':>9} {layer['mrr']:>8.4f} "
+                f"{layer['mrr_token1']:>9.4f} {layer['mrr_token2']:>9.4f} "
+                f"{layer['mrr_joint']:>10.4f} {layer['joint_nll']:>10.4f} "
+                f"{layer['joint_accuracy']:>10.4f}"
+            )
     s = results["splits"]
     if "train" in s and "test" in s:
         lines.append(f"train-test MRR gap: {s['train']['mrr'] - s['test']['mrr']:+.4f}")
     if "atomic" in s and "test" in s:
-        lines.append(f"atomic (seen direction) MRR {s['atomic']['mrr']:.4f} vs test (reverse) "
-                     f"MRR {s['test']['mrr']:.4f}")
+        lines.append(
+            f"atomic (seen direction) MRR {s['atomic']['mrr']:.4f} vs test (reverse) "
+            f"MRR {s['test']['mrr']:.4f}"
+        )
     return "\n".join(lines)
 
 
-def sweep_directory(ckpt_dir: Path, dataset: Dataset, batch_size: int, per_layer: bool,
-                    device: str, log=print) -> list[dict[str, Any]]:
+def sweep_directory(
+    ckpt_dir: Path, dataset: Dataset, batch_size: int, per_layer: bool, device: str, log=print
+) -> list[dict[str, Any]]:
     """Evaluate every checkpoint of a run in step order; resumable through eval_all.jsonl."""
     checkpoints = list_checkpoints(ckpt_dir)
     if not checkpoints:
@@ -214,8 +257,9 @@ def sweep_directory(ckpt_dir: Path, dataset: Dataset, batch_size: int, per_layer
             records.append(done[step])
             continue
         try:
-            result = evaluate_checkpoint(path, dataset, batch_size, per_layer=per_layer,
-                                         device=device)
+            result = evaluate_checkpoint(
+                path, dataset, batch_size, per_layer=per_layer, device=device
+            )
         except UserError as exc:
             print(f"skipping: {exc}", file=sys.stderr)
             continue

@@ -19,7 +19,12 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.export_pretrained(out_dir)
     (out_dir / "vocab.json").write_text(json.dumps(state["vocab"]))
-    meta = {"step": int(state["step"]), "family": config.model.family, "config": config.to_dict(),
-            "entity_len": int(state["entity_len"]), "source_checkpoint": str(checkpoint)}
+    meta = {
+        "step": int(state["step"]),
+        "family": config.model.family,
+        "config": config.to_dict(),
+        "entity_len": int(state["entity_len"]),
+        "source_checkpoint": str(checkpoint),
+    }
     (out_dir / "revjepa.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir

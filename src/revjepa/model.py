@@ -84,7 +84,10 @@ def gpt2_hidden_states(
         shape = (h.shape[0], h.shape[1], attn.num_heads, attn.head_dim)
         q, k, v = (x.view(shape).transpose(1, 2) for x in (q, k, v))
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
             dropout_p=attn.attn_dropout.p if attn.training else 0.0,
         )
         y = y.transpose(1, 2).reshape(h.shape)
@@ -141,9 +144,11 @@ class GPT2Jepa(nn.Module):
     """Model family `gpt2_jepa`: batch (seq, kind) -> NTP and LLM-JEPA loss sums."""
 
     family = "gpt2_jepa"
+    headline_metric = "mrr"  # evaluation metric that picks best_model.pt
 
-    def __init__(self, model_cfg: ModelConfig, objective: ObjectiveConfig, vocab: Vocab,
-                 entity_len: int) -> None:
+    def __init__(
+        self, model_cfg: ModelConfig, objective: ObjectiveConfig, vocab: Vocab, entity_len: int
+    ) -> None:
         super().__init__()
         self.lm = build_gpt2(model_cfg, vocab)
         self.model_cfg, self.objective = model_cfg, objective
@@ -167,8 +172,9 @@ class GPT2Jepa(nn.Module):
         pos_p = list(range(big_l)) * 2 + list(range(k))
         seg = torch.tensor([seg_j, seg_p])
         causal = torch.ones(len(seg_j), len(seg_j), dtype=torch.bool).tril()
-        self.register_buffer("row_masks", (seg[:, :, None] == seg[:, None, :]) & causal,
-                             persistent=False)
+        self.register_buffer(
+            "row_masks", (seg[:, :, None] == seg[:, None, :]) & causal, persistent=False
+        )
         self.register_buffer("row_pos", torch.tensor([pos_j, pos_p]), persistent=False)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
@@ -198,7 +204,9 @@ class GPT2Jepa(nn.Module):
         b, big_l = seq.shape
         e, k = self.entity_len, self.k
         dev = seq.device
-        is_jepa = (kind == KIND_ID["train"]) if self.jepa else torch.zeros_like(kind, dtype=torch.bool)
+        is_jepa = (
+            (kind == KIND_ID["train"]) if self.jepa else torch.zeros_like(kind, dtype=torch.bool)
+        )
         idx_j = torch.nonzero(is_jepa).flatten()
         idx_o = torch.nonzero(~is_jepa).flatten()
         n_j, n_o = idx_j.numel(), idx_o.numel()
@@ -208,26 +216,44 @@ class GPT2Jepa(nn.Module):
         rows = []
         if n_j:
             fwd = seq[idx_j]
-            rows.append(torch.cat([fwd, fwd.new_full((n_j, k), self.pred_id), self.reverse(fwd)], 1))
+            rows.append(
+                torch.cat([fwd, fwd.new_full((n_j, k), self.pred_id), self.reverse(fwd)], 1)
+            )
         if n_p:
             b_seq = seq[idx_b]
             if idx_b.numel() < n_p:  # odd count: the last pair row's second slot is padding
                 b_seq = torch.cat([b_seq, seq.new_full((1, big_l), self.pad_id)])
             rows.append(torch.cat([seq[idx_a], b_seq, seq.new_full((n_p, k), self.pad_id)], 1))
         ids = torch.cat(rows) if len(rows) > 1 else rows[0]
-        row_type = torch.cat([torch.zeros(n_j, dtype=torch.long, device=dev),
-                              torch.ones(n_p, dtype=torch.long, device=dev)])
+        row_type = torch.cat(
+            [
+                torch.zeros(n_j, dtype=torch.long, device=dev),
+                torch.ones(n_p, dtype=torch.long, device=dev),
+            ]
+        )
         h, layers = gpt2_hidden_states(
-            self.lm, ids, self.row_pos[row_type], self.row_masks[row_type],
-            self.model_cfg.position_embeddings, collect_layers=per_layer,
+            self.lm,
+            ids,
+            self.row_pos[row_type],
+            self.row_masks[row_type],
+            self.model_cfg.position_embeddings,
+            collect_layers=per_layer,
         )
 
         # NTP: the E positions before each e2 token, for every item, in packing order.
         item_order = torch.cat([idx_j, idx_a, idx_b])
-        item_row = torch.cat([torch.arange(n_j + n_p, device=dev)[: n_j + idx_a.numel()],
-                              torch.arange(n_j, n_j + idx_b.numel(), device=dev)])
-        item_off = torch.cat([torch.zeros(n_j + idx_a.numel(), dtype=torch.long, device=dev),
-                              torch.full((idx_b.numel(),), big_l, device=dev)])
+        item_row = torch.cat(
+            [
+                torch.arange(n_j + n_p, device=dev)[: n_j + idx_a.numel()],
+                torch.arange(n_j, n_j + idx_b.numel(), device=dev),
+            ]
+        )
+        item_off = torch.cat(
+            [
+                torch.zeros(n_j + idx_a.numel(), dtype=torch.long, device=dev),
+                torch.full((idx_b.numel(),), big_l, device=dev),
+            ]
+        )
         cols = item_off[:, None] + torch.arange(e + 1, 2 * e + 1, device=dev)
         rows_ix = item_row[:, None].expand_as(cols)
         targets = seq[item_order, e + 2 :]
@@ -244,8 +270,9 @@ class GPT2Jepa(nn.Module):
         if n_j:
             pred = ln_f(h[:n_j, big_l + k - 1])
             target = ln_f(h[:n_j, 2 * big_l + k - 1])
-            dist = jepa_distance(pred, target, self.objective.distance_metric,
-                                 self.objective.infonce_temperature)
+            dist = jepa_distance(
+                pred, target, self.objective.distance_metric, self.objective.infonce_temperature
+            )
             keep = torch.ones_like(dist) if jepa_keep is None else jepa_keep[idx_j].float()
             out.jepa_sum = (dist * keep).sum()
             out.jepa_count = keep.sum()
@@ -261,8 +288,9 @@ class GPT2Jepa(nn.Module):
         return out
 
 
-def build_model(model_cfg: ModelConfig, objective: ObjectiveConfig, vocab: Vocab,
-                entity_len: int) -> nn.Module:
+def build_model(
+    model_cfg: ModelConfig, objective: ObjectiveConfig, vocab: Vocab, entity_len: int
+) -> nn.Module:
     """The model of the configured family (the trainer and evaluator only use this interface)."""
     if model_cfg.family == "gpt2_jepa":
         return GPT2Jepa(model_cfg, objective, vocab, entity_len)

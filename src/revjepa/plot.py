@@ -31,7 +31,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     ax_loss.legend()
     ax_loss.set_title("training losses")
     for split in ("train", "atomic", "test"):
-        pts = [(r["step"], r["splits"][split]["mrr"]) for r in evals if split in r.get("splits", {})]
+        pts = [
+            (r["step"], r["splits"][split]["mrr"]) for r in evals if split in r.get("splits", {})
+        ]
         if pts:
             ax_mrr.plot(*zip(*pts), marker="o", label=f"{split} (checkpoints)")
         key = f"eval_{split}_mrr"

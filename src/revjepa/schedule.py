@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 
-def should_save(step: int, save_steps: int, dense_until: int, dense_interval: int,
-                final_step: int) -> bool:
+def should_save(
+    step: int, save_steps: int, dense_until: int, dense_interval: int, final_step: int
+) -> bool:
     """Checkpoint after `step` updates: dense early, sparse later, and always at the end."""
     if step <= 0:
         return False
@@ -17,8 +18,9 @@ def should_save(step: int, save_steps: int, dense_until: int, dense_interval: in
     return step % save_steps == 0
 
 
-def checkpoint_steps(final_step: int, save_steps: int, dense_until: int,
-                     dense_interval: int) -> list[int]:
+def checkpoint_steps(
+    final_step: int, save_steps: int, dense_until: int, dense_interval: int
+) -> list[int]:
     """Every step at which `should_save` is true, in order (for docs, tests and planning)."""
     dense = range(dense_interval, min(dense_until, final_step) + 1, dense_interval)
     first_sparse = (dense_until // save_steps + 1) * save_steps

@@ -117,8 +117,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 class Preemption:
@@ -167,8 +169,9 @@ def setup_logging(output_dir: Path | None, main: bool) -> None:
 # ----------------------------------------------------------------------------- run set-up
 
 
-def resolve_run(config: RunConfig, overrides: dict[str, dict[str, Any]],
-                resume_from: str | None) -> tuple[RunConfig, dict[str, Any] | None, Path | None]:
+def resolve_run(
+    config: RunConfig, overrides: dict[str, dict[str, Any]], resume_from: str | None
+) -> tuple[RunConfig, dict[str, Any] | None, Path | None]:
     """Apply resume semantics: the checkpoint's configuration wins, except resumable fields."""
     output_dir = Path(config.train.output_dir)
     if resume_from is None:
@@ -217,23 +220,30 @@ def check_output_dir(output_dir: Path, config: RunConfig, resuming: bool) -> Non
         return
     args_path = output_dir / "training_args.json"
     if args_path.is_file():
-        raise UserError(f"--output_dir {output_dir} already holds a run: resume it with "
-                        "--resume_from latest or choose another directory")
+        raise UserError(
+            f"--output_dir {output_dir} already holds a run: resume it with "
+            "--resume_from latest or choose another directory"
+        )
     raise UserError(f"--output_dir {output_dir} is not empty and is not a revjepa run")
 
 
 def steps_per_epoch(n_train: int, global_batch: int, where: str) -> int:
     if n_train < global_batch:
-        raise UserError(f"{where}: {n_train} training items are fewer than one global batch "
-                        f"({global_batch}); lower --batch_size")
+        raise UserError(
+            f"{where}: {n_train} training items are fewer than one global batch "
+            f"({global_batch}); lower --batch_size"
+        )
     return n_train // global_batch
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(config: RunConfig, overrides: dict[str, dict[str, Any]] | None = None,
-          resume_from: str | None = None) -> Path:
+def train(
+    config: RunConfig,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    resume_from: str | None = None,
+) -> Path:
     """Train (or resume) a run; returns the output directory."""
     overrides = overrides or {}
     config.validate()
@@ -247,8 +257,9 @@ def train(config: RunConfig, overrides: dict[str, dict[str, Any]] | None = None,
             dist.destroy_process_group()
 
 
-def _train(config: RunConfig, state: dict[str, Any] | None, resume_path: Path | None,
-           d: Dist) -> Path:
+def _train(
+    config: RunConfig, state: dict[str, Any] | None, resume_path: Path | None, d: Dist
+) -> Path:
     tc, oc = config.train, config.objective
     output_dir = Path(tc.output_dir)
     ckpt_dir = output_dir / "checkpoints"
@@ -277,14 +288,21 @@ def _train(config: RunConfig, state: dict[str, Any] | None, resume_path: Path | 
     torch.manual_seed(tc.seed)
     model = build_model(config.model, oc, dataset.vocab, dataset.entity_len).to(device)
     fused = device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate,
-                                  betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tc.weight_decay),
+        lr=tc.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=fused,
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
     start_step, best_mrr = 0, -math.inf
     if state is not None:
         if state.get("vocab") != dataset.vocab.token_to_id:
-            raise UserError(f"{resume_path}: the checkpoint's vocabulary does not match "
-                            f"{tc.data_dir}/vocab.json")
+            raise UserError(
+                f"{resume_path}: the checkpoint's vocabulary does not match "
+                f"{tc.data_dir}/vocab.json"
+            )
         model.load_hf_state_dict(state["model_state_dict"])
         optimizer.load_state_dict(state["optimizer_state_dict"])
         if state.get("scaler_state_dict"):
@@ -300,7 +318,8 @@ def _train(config: RunConfig, state: dict[str, Any] | None, resume_path: Path | 
     run_model: torch.nn.Module = model
     if d.enabled:
         run_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda"):
         try:
             run_model = torch.compile(run_model, dynamic=True)
@@ -309,21 +328,37 @@ def _train(config: RunConfig, state: dict[str, Any] | None, resume_path: Path | 
 
     n_params = sum(p.numel() for p in model.parameters())
     resolved = config.to_dict()
-    resolved["resolved"] = {"max_steps": max_steps, "steps_per_epoch": spe,
-                            "world_size": d.world, "global_batch_size": global_batch,
-                            "precision": precision, "device": str(device),
-                            "parameters": n_params}
+    resolved["resolved"] = {
+        "max_steps": max_steps,
+        "steps_per_epoch": spe,
+        "world_size": d.world,
+        "global_batch_size": global_batch,
+        "precision": precision,
+        "device": str(device),
+        "parameters": n_params,
+    }
     metrics_path = output_dir / "metrics.jsonl"
     if d.main:
         (output_dir / "training_args.json").write_text(json.dumps(resolved, indent=2) + "\n")
         _truncate_metrics(metrics_path, start_step)
-        n_ckpt = len([s for s in checkpoint_steps(max_steps, tc.save_steps, tc.save_step_dense,
-                                                  tc.save_step_dense_interval) if s > start_step])
-        log.info(f"device {device} | precision {precision} | world size {d.world} | "
-                 f"parameters {n_params:,}")
-        log.info(f"train items {len(train_split):,} | batch {tc.batch_size} per process, global "
-                 f"{global_batch} | steps per epoch {spe:,} | max steps {max_steps:,} "
-                 f"(~{max_steps / spe:.1f} epochs) | {n_ckpt} checkpoints to write")
+        n_ckpt = len(
+            [
+                s
+                for s in checkpoint_steps(
+                    max_steps, tc.save_steps, tc.save_step_dense, tc.save_step_dense_interval
+                )
+                if s > start_step
+            ]
+        )
+        log.info(
+            f"device {device} | precision {precision} | world size {d.world} | "
+            f"parameters {n_params:,}"
+        )
+        log.info(
+            f"train items {len(train_split):,} | batch {tc.batch_size} per process, global "
+            f"{global_batch} | steps per epoch {spe:,} | max steps {max_steps:,} "
+            f"(~{max_steps / spe:.1f} epochs) | {n_ckpt} checkpoints to write"
+        )
         if state is not None:
             log.info(f"resumed from {resume_path} at step {start_step}")
         log.info(f"output: {output_dir}")
@@ -355,36 +390,32 @@ def _train(config: RunConfig, state: dict[str, Any] | None, resume_path: Path | 
             keep = loss_dropout_keep(tc.seed, step, global_batch, oc.loss_dropout)
             keep = keep[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size].to(device)
 
-        # ---- losses, normalised by global counts (equal gradients whatever the world size)
         lr = tc.learning_rate * lr_multiplier(step, tc.warmup_steps, max_steps, tc.scheduler)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(device, precision):
-            out = run_model(seq, kind, keep)
-        counts = torch.stack([out.ntp_count, out.jepa_count]).float()
-        if d.enabled:
-            dist.all_reduce(counts)
-        ntp = out.ntp_sum / counts[0].clamp(min=1)
-        jepa = out.jepa_sum / counts[1].clamp(min=1)
-        loss = oc.gamma_ntp * ntp + (oc.lambda_jepa * jepa if oc.jepa_active else 0.0)
-        scaler.scale(loss * d.world).backward()
-
-        # ---- update; a non-finite step is skipped inside the fused optimizer (no host sync)
-        scaler.unscale_(optimizer)
-        clip = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-        # grad_norm is the same on every rank (gradients are all-reduced); a NaN/inf loss gives a
-        # NaN/inf norm, so this one flag covers both and all ranks skip the same steps.
-        bad = ~torch.isfinite(grad_norm)
-        if precision == "fp16":
-            scaler.step(optimizer)  # the scaler skips inf/NaN steps itself
-            scaler.update()
-        else:
-            optimizer.found_inf = bad.float()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        res = train_step(
+            run_model,
+            optimizer,
+            scaler,
+            params,
+            seq,
+            kind,
+            keep,
+            lr,
+            oc,
+            precision,
+            device,
+            d.world,
+            tc.max_grad_norm,
+        )
+        out, loss, ntp, jepa, grad_norm, bad = (
+            res.out,
+            res.loss,
+            res.ntp,
+            res.jepa,
+            res.grad_norm,
+            res.bad,
+        )
         step += 1
-        running += torch.stack([ntp.detach(), jepa.detach()]).float()
+        running += torch.stack([ntp, jepa]).float()
         steps_in_window += 1
 
         # ---- non-finite guard: checked every step on CPU (free), at log steps on GPU
@@ -395,7 +426,8 @@ def _train(config: RunConfig, state: dict[str, Any] | None, resume_path: Path | 
                 raise UserError(
                     f"stopping at step {step}: {bad_run} consecutive non-finite steps (loss "
                     f"{float(loss):.4g}, grad norm {float(grad_norm):.4g}); last good checkpoint: "
-                    f"{latest[0] if latest else 'none'}")
+                    f"{latest[0] if latest else 'none'}"
+                )
         if progress is not None:
             progress.update(1)
 
@@ -407,23 +439,39 @@ def _train(config: RunConfig, state: dict[str, Any] | None, resume_path: Path | 
             ntp_mean, jepa_mean = (running / steps_in_window).tolist()
             total = oc.gamma_ntp * ntp_mean + (oc.lambda_jepa * jepa_mean if oc.jepa_active else 0)
             now = time.perf_counter()
-            record.update(step=step, epoch=step / spe, lr=lr, loss=total, ntp_loss=ntp_mean,
-                          jepa_loss=jepa_mean, grad_norm=float(grad_norm),
-                          steps_per_s=(step - step_last) / max(now - t_last, 1e-9))
+            record.update(
+                step=step,
+                epoch=step / spe,
+                lr=lr,
+                loss=total,
+                ntp_loss=ntp_mean,
+                jepa_loss=jepa_mean,
+                grad_norm=float(grad_norm),
+                steps_per_s=(step - step_last) / max(now - t_last, 1e-9),
+            )
             if out.pred_embeddings is not None:
-                record.update({k: float(v) for k, v in collapse_signal(out.pred_embeddings).items()})
+                record.update(
+                    {k: float(v) for k, v in collapse_signal(out.pred_embeddings).items()}
+                )
             running.zero_()
             steps_in_window = 0
             t_last, step_last = now, step
         if should_eval(step, tc.eval_steps, max_steps):
             if d.main:
                 metrics = evaluate_split(model, valid_split, tc.eval_batch_size)
-                record.update(step=step, epoch=step / spe, **{
-                    f"eval_{tc.valid_split}_{k}": v for k, v in metrics.items()})
-                if metrics["mrr"] > best_mrr:
-                    best_mrr = metrics["mrr"]
-                    save_checkpoint(ckpt_dir / "best_model.pt", _state(
-                        model, optimizer, scaler, config, dataset, step, spe, best_mrr, device))
+                record.update(
+                    step=step,
+                    epoch=step / spe,
+                    **{f"eval_{tc.valid_split}_{k}": v for k, v in metrics.items()},
+                )
+                if metrics[model.headline_metric] > best_mrr:
+                    best_mrr = metrics[model.headline_metric]
+                    save_checkpoint(
+                        ckpt_dir / "best_model.pt",
+                        _state(
+                            model, optimizer, scaler, config, dataset, step, spe, best_mrr, device
+                        ),
+                    )
             if d.enabled:
                 best = torch.tensor([best_mrr], device=device, dtype=torch.float64)
                 dist.broadcast(best, 0)
@@ -438,18 +486,26 @@ def _train(config: RunConfig, state: dict[str, Any] | None, resume_path: Path | 
             stop = bool(flag.item())
         elif d.enabled:
             stop = False  # ranks agree on stopping only at synchronised steps
-        if should_save(step, tc.save_steps, tc.save_step_dense, tc.save_step_dense_interval,
-                       max_steps) or stop:
+        if (
+            should_save(
+                step, tc.save_steps, tc.save_step_dense, tc.save_step_dense_interval, max_steps
+            )
+            or stop
+        ):
             if d.main:
                 path = ckpt_dir / f"checkpoint_step_{step}.pt"
-                save_checkpoint(path, _state(model, optimizer, scaler, config, dataset, step,
-                                             spe, best_mrr, device))
+                save_checkpoint(
+                    path,
+                    _state(model, optimizer, scaler, config, dataset, step, spe, best_mrr, device),
+                )
                 log.info(f"saved {path}")
             if d.enabled:
                 dist.barrier()
         if stop:
-            log.info(f"received signal {preempt.signal}: checkpointed step {step}; resume with "
-                     "--resume_from latest")
+            log.info(
+                f"received signal {preempt.signal}: checkpointed step {step}; resume with "
+                "--resume_from latest"
+            )
             break
     if progress is not None:
         progress.close()
@@ -458,8 +514,71 @@ def _train(config: RunConfig, state: dict[str, Any] | None, resume_path: Path | 
     return output_dir
 
 
-def _state(model, optimizer, scaler, config: RunConfig, dataset: Dataset, step: int, spe: int,
-           best_mrr: float, device: torch.device) -> dict[str, Any]:
+@dataclass
+class StepResult:
+    out: Any  # the model's LossOutput
+    loss: torch.Tensor
+    ntp: torch.Tensor
+    jepa: torch.Tensor
+    grad_norm: torch.Tensor
+    bad: torch.Tensor  # True when the update was skipped (non-finite)
+
+
+def train_step(
+    run_model,
+    optimizer,
+    scaler,
+    params,
+    seq,
+    kind,
+    keep,
+    lr: float,
+    oc,
+    precision: str,
+    device: torch.device,
+    world: int,
+    max_grad_norm: float,
+) -> StepResult:
+    """One optimizer update; no host synchronisation (the trainer and `revjepa bench` share it)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device, precision):
+        out = run_model(seq, kind, keep)
+    # losses normalised by GLOBAL counts: equal gradients whatever the world size
+    counts = torch.stack([out.ntp_count, out.jepa_count]).float()
+    if world > 1:
+        dist.all_reduce(counts)
+    ntp = out.ntp_sum / counts[0].clamp(min=1)
+    jepa = out.jepa_sum / counts[1].clamp(min=1)
+    loss = oc.gamma_ntp * ntp + (oc.lambda_jepa * jepa if oc.jepa_active else 0.0)
+    scaler.scale(loss * world).backward()  # DDP averages gradients over ranks
+    scaler.unscale_(optimizer)
+    clip = max_grad_norm if max_grad_norm > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    # grad_norm is the same on every rank (gradients are all-reduced); a NaN/inf loss gives a
+    # NaN/inf norm, so this one flag covers both and all ranks skip the same steps.
+    bad = ~torch.isfinite(grad_norm)
+    if precision == "fp16":
+        scaler.step(optimizer)  # the scaler skips inf/NaN steps itself
+        scaler.update()
+    else:
+        optimizer.found_inf = bad.float()  # the fused AdamW skips the update when set
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(out, loss.detach(), ntp.detach(), jepa.detach(), grad_norm, bad)
+
+
+def _state(
+    model,
+    optimizer,
+    scaler,
+    config: RunConfig,
+    dataset: Dataset,
+    step: int,
+    spe: int,
+    best_mrr: float,
+    device: torch.device,
+) -> dict[str, Any]:
     return {
         "model_state_dict": model.hf_state_dict(),
         "optimizer_state_dict": optimizer.state_dict(),
