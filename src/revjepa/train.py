@@ -53,6 +53,14 @@ class Dist:
 
 
 def init_distributed(device_kind: str) -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a bare `srun` (one task per GPU) sets SLURM_*."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        if "MASTER_ADDR" not in os.environ:
+            raise UserError("srun with several tasks: export MASTER_ADDR (and MASTER_PORT) first")
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ.setdefault("MASTER_PORT", "29500")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -253,6 +261,9 @@ def train(
     try:
         return _train(config, state, resume_path, d)
     finally:
+        for handler in list(log.handlers):
+            handler.close()
+            log.removeHandler(handler)
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
 

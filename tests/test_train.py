@@ -1,0 +1,384 @@
+"""Trainer: checkpoint schedule, files of a run, exact resume, epoch mode, bad flags."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from revjepa.checkpoint import load_checkpoint, save_checkpoint
+from revjepa.cli import main
+from revjepa.data import GenConfig, generate, write_generated
+from revjepa.errors import UserError
+from revjepa.schedule import checkpoint_steps, lr_multiplier, should_save
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# 15,600 training items with num_ga_entities 2000; tiny model so a run takes a second or two.
+SMALL = [
+    "--n_layer",
+    "1",
+    "--n_embd",
+    "32",
+    "--n_head",
+    "2",
+    "--batch_size",
+    "64",
+    "--learning_rate",
+    "1e-3",
+    "--dropout",
+    "0.1",
+    "--log_interval",
+    "5",
+    "--seed",
+    "3",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    write_generated(generate(GenConfig(num_ga_entities=400, num_rel_pairs=2, test_size=60)), d)
+    return d
+
+
+def run_train(data_dir: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--data_dir", str(data_dir), "--output_dir", str(out), *SMALL, *extra])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model_state_dict"]
+
+
+def metrics_without_timing(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        r.pop("steps_per_s", None)
+    return rows
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_seed_schedule_is_exactly_66_checkpoints():
+    expected = [5_000 * i for i in range(1, 7)] + [50_000 * i for i in range(1, 61)]
+    assert checkpoint_steps(3_000_000, 50_000, 30_000, 5_000) == expected
+    assert len(expected) == 66
+    brute = [s for s in range(1, 3_000_001) if should_save(s, 50_000, 30_000, 5_000, 3_000_000)]
+    assert brute == expected
+
+
+@pytest.mark.parametrize(
+    "final, save, dense, interval, expected",
+    [
+        (20, 10, 6, 2, [2, 4, 6, 10, 20]),
+        (23, 10, 6, 2, [2, 4, 6, 10, 20, 23]),  # the final step is always saved
+        (5, 10, 0, 3, [5]),
+        (12, 4, 12, 5, [5, 10, 12]),
+    ],
+)
+def test_small_schedules(final, save, dense, interval, expected):
+    assert checkpoint_steps(final, save, dense, interval) == expected
+    assert [
+        s for s in range(1, final + 1) if should_save(s, save, dense, interval, final)
+    ] == expected
+
+
+def test_lr_schedules_match_hugging_face_formulas():
+    assert lr_multiplier(0, 10, 100, "constant_with_warmup") == 0.0
+    assert lr_multiplier(5, 10, 100, "constant_with_warmup") == 0.5
+    assert lr_multiplier(50, 10, 100, "constant_with_warmup") == 1.0
+    assert lr_multiplier(55, 10, 100, "linear") == pytest.approx(0.5)
+    assert lr_multiplier(100, 10, 100, "linear") == 0.0
+    assert lr_multiplier(55, 10, 100, "cosine") == pytest.approx(0.5)
+    assert lr_multiplier(10, 10, 100, "cosine") == pytest.approx(1.0)
+    assert lr_multiplier(32, 10, 100, "cosine") == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 22 / 90))
+    )
+
+
+# ----------------------------------------------------------------------------- a run's files
+
+
+def test_run_writes_schedule_checkpoints_and_records(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        run_train(
+            data_dir,
+            out,
+            "--max_steps",
+            "23",
+            "--save_step_dense",
+            "6",
+            "--save_step_dense_interval",
+            "2",
+            "--save_steps",
+            "10",
+            "--eval_steps",
+            "10",
+        )
+        == 0
+    )
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    expected = [f"checkpoint_step_{s}.pt" for s in (2, 4, 6, 10, 20, 23)] + ["best_model.pt"]
+    assert names == sorted(expected)
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["train"]["max_steps"] == 23
+    assert args["resolved"]["global_batch_size"] == 64
+    assert args["model"]["n_embd"] == 32
+    assert "training.log" in os.listdir(out)
+
+    state = torch.load(out / "checkpoints" / "checkpoint_step_10.pt", weights_only=True)
+    for key in (
+        "model_state_dict",
+        "optimizer_state_dict",
+        "scheduler_state_dict",
+        "step",
+        "epoch",
+        "rng_state",
+        "config",
+        "checksum",
+        "vocab",
+    ):
+        assert key in state
+    assert state["step"] == 10
+    assert "transformer.h.0.attn.c_attn.weight" in state["model_state_dict"]
+    json.dumps(state["config"])  # plain data
+
+    rows = metrics_without_timing(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 23]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    evals = [r for r in rows if "eval_test_mrr" in r]
+    assert [r["step"] for r in evals] == [10, 20, 23]
+    best = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
+    assert best["best_mrr"] == pytest.approx(max(r["eval_test_mrr"] for r in evals))
+
+
+def test_resume_is_bit_identical_with_identical_metrics(data_dir, tmp_path):
+    common = [
+        "--max_steps",
+        "30",
+        "--save_step_dense",
+        "0",
+        "--save_steps",
+        "10",
+        "--save_step_dense_interval",
+        "10",
+        "--eval_steps",
+        "10",
+        "--loss_dropout",
+        "0.3",
+    ]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_train(data_dir, full, *common) == 0
+    assert run_train(data_dir, part, *common) == 0
+    for s in (20, 30):
+        (part / "checkpoints" / f"checkpoint_step_{s}.pt").unlink()
+    # resume from the middle checkpoint; the run directory follows the checkpoint
+    assert (
+        main(
+            [
+                "train",
+                "--resume_from",
+                str(part / "checkpoints" / "checkpoint_step_10.pt"),
+                "--max_steps",
+                "30",
+            ]
+        )
+        == 0
+    )
+    a, b = (
+        weights(full / "checkpoints/checkpoint_step_30.pt"),
+        weights(part / "checkpoints/checkpoint_step_30.pt"),
+    )
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics_without_timing(full / "metrics.jsonl") == metrics_without_timing(
+        part / "metrics.jsonl"
+    )
+
+
+def test_resume_latest_extends_max_steps(data_dir, tmp_path):
+    out = tmp_path / "run"
+    common = [
+        "--save_step_dense",
+        "0",
+        "--save_steps",
+        "10",
+        "--save_step_dense_interval",
+        "10",
+        "--eval_steps",
+        "10",
+    ]
+    assert run_train(data_dir, out, "--max_steps", "10", *common) == 0
+    assert run_train(data_dir, out, "--max_steps", "20", "--resume_from", "latest", *common) == 0
+    full = tmp_path / "full"
+    assert run_train(data_dir, full, "--max_steps", "20", *common) == 0
+    a, b = (
+        weights(out / "checkpoints/checkpoint_step_20.pt"),
+        weights(full / "checkpoints/checkpoint_step_20.pt"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(data_dir, out, "--max_steps", "4", "--resume_from", "latest") == 0
+    assert (out / "checkpoints" / "checkpoint_step_4.pt").is_file()
+
+
+def test_epoch_mode_and_max_steps_precedence(data_dir, tmp_path, capsys):
+    out = tmp_path / "epochs"
+    assert run_train(data_dir, out, "--num_epochs", "2", "--eval_steps", "1000") == 0
+    args = json.loads((out / "training_args.json").read_text())
+    spe = args["resolved"]["steps_per_epoch"]
+    n_train = len(json.loads((data_dir / "train.json").read_text()))
+    assert spe == n_train // 64
+    assert args["resolved"]["max_steps"] == 2 * spe
+    assert (out / "checkpoints" / f"checkpoint_step_{2 * spe}.pt").is_file()
+    both = tmp_path / "both"
+    assert run_train(data_dir, both, "--num_epochs", "2", "--max_steps", "3") == 0
+    assert "wins over --num_epochs" in capsys.readouterr().out
+    assert json.loads((both / "training_args.json").read_text())["resolved"]["max_steps"] == 3
+
+
+def test_epoch_data_order_covers_each_item_once(data_dir):
+    from revjepa.train import epoch_permutation
+
+    perm = epoch_permutation(3, 0, 1000)
+    assert sorted(perm.tolist()) == list(range(1000))
+    assert torch.equal(perm, epoch_permutation(3, 0, 1000))
+    assert not torch.equal(perm, epoch_permutation(3, 1, 1000))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint_step_5.pt"
+
+    def exploding_save(obj, fh):
+        fh.write(b"PK\x03\x04 partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(UserError, match="No space left"):
+        save_checkpoint(target, {"model_state_dict": {}, "config": {}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupted_checkpoint_is_detected(tmp_path):
+    path = tmp_path / "checkpoint_step_1.pt"
+    save_checkpoint(
+        path, {"model_state_dict": {"w": torch.arange(1000.0)}, "config": {}, "step": 1}
+    )
+    assert load_checkpoint(path)["step"] == 1
+    raw = bytearray(path.read_bytes())
+    # flip bytes inside the tensor payload (a run of float32 values 0..999)
+    needle = torch.arange(100.0, 110.0).numpy().tobytes()
+    at = bytes(raw).find(needle)
+    assert at > 0
+    raw[at : at + 4] = b"\x00\x00\x80\x7f"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        load_checkpoint(path)
+    path.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(UserError, match="checkpoint_step_1.pt"):
+        load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, "train_jepa.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--max_steps", "0"], "--max_steps must be positive"),
+        (["--max_steps", "-5"], "--max_steps must be positive"),
+        (["--k_pred_tok", "5"], "--k_pred_tok must be between 0 and 4"),
+        (["--distance_metric", "manhattan"], "invalid choice"),
+        (["--n_embd", "30", "--n_head", "4"], "not divisible"),
+        (["--loss_dropout", "1.5"], "--loss_dropout"),
+        (["--batch_size", "0"], "--batch_size must be positive"),
+        (["--fp16", "--bf16"], "mutually exclusive"),
+        (["--learning_rate", "abc"], "invalid float value"),
+        (["--no_such_flag"], "unrecognized arguments"),
+        (["--vocab_size", "99"], "does not match"),
+        (["--batch_size", "100000", "--max_steps", "1"], "fewer than one global batch"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(data_dir, tmp_path, flags, needle):
+    out = tmp_path / "bad"
+    proc = _cli(
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(out),
+        "--n_layer",
+        "1",
+        "--n_embd",
+        "32",
+        "--n_head",
+        "2",
+        "--max_steps",
+        "2",
+        *flags,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_refuses_foreign_or_existing_run_directory(data_dir, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        from revjepa.config import RunConfig, apply_overrides
+        from revjepa.train import train
+
+        cfg = apply_overrides(
+            RunConfig(), {"train": {"data_dir": str(data_dir), "output_dir": str(foreign)}}
+        )
+        train(cfg)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    out = tmp_path / "run"
+    assert run_train(data_dir, out, "--max_steps", "2") == 0
+    assert run_train(data_dir, out, "--max_steps", "2") == 2  # refused: resume it instead
+
+
+def test_resume_with_conflicting_flags_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(data_dir, out, "--max_steps", "2") == 0
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    rc = main(
+        [
+            "train",
+            "--output_dir",
+            str(out),
+            "--resume_from",
+            "latest",
+            "--n_embd",
+            "64",
+            "--max_steps",
+            "4",
+        ]
+    )
+    assert rc == 2
+    after = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    assert before == after
