@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .faults import crash, crash_requested
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
 FORMAT = "revjepa-checkpoint-1"
@@ -73,6 +74,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     try:
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
+            if crash_requested("save", path.name):
+                fh.truncate(fh.tell() // 2)
+                fh.flush()
+                crash()
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -112,6 +117,13 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     if verify and "checksum" in state and content_checksum(state) != state["checksum"]:
         raise UserError(f"{path}: checksum mismatch: the checkpoint is corrupted")
     return state
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete temporary files of saves that were killed midway (never a user's file)."""
+    if directory.is_dir():
+        for p in directory.glob(".*.pt.tmp-*"):
+            p.unlink(missing_ok=True)
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:

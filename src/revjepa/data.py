@@ -12,6 +12,7 @@ L = 2E + 2 where E is the number of tokens per entity) and a kind tensor; a batc
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -95,6 +96,8 @@ class GenConfig:
         return f"data/inversionidcomb{self.comb}.{n_a}.{n_b}"
 
     def validate(self) -> None:
+        if not math.isfinite(self.gb_ratio):
+            raise UserError(f"--gb_ratio must be a finite number, got {self.gb_ratio}")
         n_a, n_b = self.num_ga_entities, self.num_gb_entities
         if n_a < 2 or n_a % 2:
             raise UserError(f"--num_ga_entities must be an even number >= 2, got {n_a}")
@@ -119,6 +122,13 @@ class GenConfig:
             raise UserError(
                 f"--test_size {self.test_size} exceeds the {n_atomic} atomic/test facts available"
             )
+        n_train = self.num_rel_pairs * n_a
+        if self.test_size > n_train:
+            raise UserError(
+                f"--test_size {self.test_size} exceeds the {n_train} group-A train facts available"
+            )
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -219,7 +229,10 @@ def _items_json(seq: np.ndarray, kinds: list[str] | str, entity_len: int) -> str
 
 def write_generated(gen: Generated, out_dir: Path) -> dict[str, Path]:
     """Write train/valid/vocab JSON atomically (temporary file + rename)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out_dir}: cannot create the output directory: {exc}") from None
     kinds = [KINDS[k] for k in gen.train_kind.tolist()]
     valid_json = (
         "{"
@@ -234,7 +247,10 @@ def write_generated(gen: Generated, out_dir: Path) -> dict[str, Path]:
     written = {}
     for name, text in files.items():
         path = out_dir / name
-        atomic_write_bytes(path, text.encode())
+        try:
+            atomic_write_bytes(path, text.encode())
+        except OSError as exc:
+            raise UserError(f"{path}: cannot write: {exc}") from None
         written[name] = path
     return written
 
@@ -321,7 +337,7 @@ def _iter_array(text: str, path: Path, start: int = 0, what: str = "array"):
         raise UserError(f"{path}: expected a JSON array for {what}")
     pos = _WS.match(text, pos + 1).end()
     if text[pos : pos + 1] == "]":
-        return pos + 1
+        return _end_of_array(text, pos, path, what)
     index = 0
     while True:
         try:
@@ -333,10 +349,18 @@ def _iter_array(text: str, path: Path, start: int = 0, what: str = "array"):
         pos = _WS.match(text, pos).end()
         ch = text[pos : pos + 1]
         if ch == "]":
-            return pos + 1
+            return _end_of_array(text, pos, path, what)
         if ch != ",":
             raise UserError(f"{path}: malformed JSON after {what} item {index - 1}")
         pos = _WS.match(text, pos + 1).end()
+
+
+def _end_of_array(text: str, pos: int, path: Path, what: str) -> int:
+    """`pos` is at the closing `]` of a top-level array: only whitespace may follow."""
+    end = _WS.match(text, pos + 1).end()
+    if end != len(text):
+        raise UserError(f"{path}: malformed JSON: unexpected data after the {what}")
+    return end
 
 
 def _items_to_split(
@@ -360,7 +384,11 @@ def _items_to_split(
                 f"{path}: {what} item {index} has the wrong shape (expected input_text "
                 f"[[e1 x{entity_len or 'E'}], [r], [mask]], target_text [[e2]], type)"
             ) from None
-        if kind not in KIND_ID or (expected_kind and kind != expected_kind):
+        if (
+            not isinstance(kind, str)
+            or kind not in KIND_ID
+            or (expected_kind and kind != expected_kind)
+        ):
             allowed = expected_kind or "train/atomic/test"
             raise UserError(f"{path}: {what} item {index} has type {kind!r}, expected {allowed}")
         kinds.append(KIND_ID[kind])
@@ -368,7 +396,12 @@ def _items_to_split(
         raise UserError(f"{path}: {what} is empty")
     if not all(type(x) is int for row in rows for x in row):
         raise UserError(f"{path}: {what} contains a token id that is not an integer")
-    seq = torch.tensor(rows, dtype=torch.int64)
+    try:
+        seq = torch.tensor(rows, dtype=torch.int64)
+    except (OverflowError, RuntimeError, ValueError):  # an id beyond int64
+        raise UserError(
+            f"{path}: {what} has a token id outside the vocabulary (size {vocab.size})"
+        ) from None
     _check_ids(seq, vocab, path, what, entity_len)
     return Split(seq, torch.tensor(kinds, dtype=torch.int64)), entity_len
 

@@ -14,7 +14,6 @@ With one-token entities the token-2 and joint metrics equal the token-1 ones.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ import torch
 
 from .checkpoint import list_checkpoints, load_checkpoint
 from .config import RunConfig
-from .data import KINDS, Dataset, Split, load_dataset, vocab_from_mapping
+from .data import KINDS, Dataset, Split, vocab_from_mapping
 from .errors import UserError
+from .faults import crash, crash_requested
 from .model import build_model
 
 METRIC_KEYS = (
@@ -251,6 +251,11 @@ def sweep_directory(
     run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
     record_path = run_dir / "eval_all.jsonl"
     done = {r["step"]: r for r in read_jsonl(record_path)}
+    if record_path.is_file() and record_path.stat().st_size:
+        with open(record_path, "rb+") as fh:
+            fh.seek(-1, 2)
+            if fh.read(1) != b"\n":  # a killed sweep's half line: end it (read_jsonl skips it)
+                fh.write(b"\n")
     records = []
     for step, path in checkpoints:
         if step in done:
@@ -293,14 +298,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    line = json.dumps(record, allow_nan=True) + "\n"
     with open(path, "a") as fh:
-        fh.write(json.dumps(record, allow_nan=True) + "\n")
+        if crash_requested("metrics", record.get("step")):
+            fh.write(line[: len(line) // 2])
+            fh.flush()
+            crash()
+        fh.write(line)
         fh.flush()
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def load_eval_dataset(data_dir: str) -> Dataset:
-    return load_dataset(data_dir, with_train=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -23,11 +24,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checkpoint import find_latest_valid, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    find_latest_valid,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from .config import RESUMABLE_OVERRIDES, RunConfig
 from .data import Dataset, load_dataset
 from .errors import UserError
 from .evaluate import append_jsonl, evaluate_split, read_jsonl
+from .faults import crash, crash_requested
 from .model import build_model, collapse_signal
 from .schedule import checkpoint_steps, lr_multiplier, should_eval, should_save
 
@@ -107,15 +114,19 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def stream_generator(seed: int, stream: str, index: int) -> torch.Generator:
+    """A generator for one (seed, purpose, index): no two runs or steps share a stream."""
+    digest = hashlib.blake2b(f"{seed}:{stream}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=stream_generator(seed, "epoch", epoch))
 
 
 def loss_dropout_keep(seed: int, step: int, n: int, p: float) -> torch.Tensor:
     """Per-item keep mask of the global batch, a pure function of (seed, step)."""
-    g = torch.Generator().manual_seed(seed * 7_919 + step + 1)
-    return torch.rand(n, generator=g) >= p
+    return torch.rand(n, generator=stream_generator(seed, "loss_dropout", step)) >= p
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -134,13 +145,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 class Preemption:
     """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self) -> None:
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class RunLock:
@@ -217,17 +233,18 @@ def resolve_run(
     return resolved, state, path
 
 
-def check_output_dir(output_dir: Path, config: RunConfig, resuming: bool) -> None:
-    """Refuse to start a fresh run on top of another run's files."""
-    if resuming or not output_dir.exists():
+def check_output_dir(output_dir: Path, resume_requested: bool) -> None:
+    """Refuse to start a run on top of another run's files (unless resuming) or foreign files."""
+    if not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir} exists and is not a directory")
     entries = [p for p in output_dir.iterdir() if p.name != ".lock"]
     if not entries:
         return
-    args_path = output_dir / "training_args.json"
-    if args_path.is_file():
+    if (output_dir / "training_args.json").is_file():
+        if resume_requested:
+            return  # --resume_from latest before the first checkpoint: start this run again
         raise UserError(
             f"--output_dir {output_dir} already holds a run: resume it with "
             "--resume_from latest or choose another directory"
@@ -258,9 +275,11 @@ def train(
     config, state, resume_path = resolve_run(config, overrides, resume_from)
     tc = config.train
     d = init_distributed("cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu")
+    preempt = Preemption()
     try:
-        return _train(config, state, resume_path, d)
+        return _train(config, state, resume_path, d, resume_from is not None, preempt)
     finally:
+        preempt.restore()
         for handler in list(log.handlers):
             handler.close()
             log.removeHandler(handler)
@@ -269,63 +288,63 @@ def train(
 
 
 def _train(
-    config: RunConfig, state: dict[str, Any] | None, resume_path: Path | None, d: Dist
+    config: RunConfig,
+    state: dict[str, Any] | None,
+    resume_path: Path | None,
+    d: Dist,
+    resume_requested: bool,
+    preempt: Preemption,
 ) -> Path:
     tc, oc = config.train, config.objective
     output_dir = Path(tc.output_dir)
     ckpt_dir = output_dir / "checkpoints"
+    # Everything that can reject the input runs before the first file is created or touched.
     if d.main:
-        check_output_dir(output_dir, config, state is not None)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_dir.mkdir(exist_ok=True)
-        lock = RunLock(output_dir)  # noqa: F841  (held for the life of the run)
-    setup_logging(output_dir if d.main else None, d.main)
+        check_output_dir(output_dir, resume_requested)
     device = resolve_device(tc.device, d)
-    precision = resolve_precision(tc.precision, device, log.warning)
-
     dataset: Dataset = load_dataset(tc.data_dir)
+    if state is not None and state.get("vocab") != dataset.vocab.token_to_id:
+        raise UserError(
+            f"{resume_path}: the checkpoint's vocabulary does not match {tc.data_dir}/vocab.json"
+        )
     train_split = dataset.train
     global_batch = tc.batch_size * d.world
     spe = steps_per_epoch(len(train_split), global_batch, tc.data_dir)
-    if tc.max_steps is not None:
-        max_steps = tc.max_steps
-        if tc.num_epochs is not None:
-            log.info(f"--max_steps {tc.max_steps} given: it wins over --num_epochs {tc.num_epochs}")
-    elif tc.num_epochs is not None:
-        max_steps = tc.num_epochs * spe
-    else:
-        max_steps = tc.total_steps_default
-
+    max_steps = tc.max_steps or (tc.num_epochs * spe if tc.num_epochs else tc.total_steps_default)
+    start_step = int(state["step"]) if state is not None else 0
+    if start_step >= max_steps:
+        raise UserError(f"the run is already at step {start_step} >= --max_steps {max_steps}")
     torch.manual_seed(tc.seed)
     model = build_model(config.model, oc, dataset.vocab, dataset.entity_len).to(device)
-    fused = device.type in ("cuda", "cpu")
+
+    if d.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir(exist_ok=True)
+        lock = RunLock(output_dir)  # noqa: F841  (held for the life of the run)
+        remove_stale_temporaries(ckpt_dir)
+    setup_logging(output_dir if d.main else None, d.main)
+    precision = resolve_precision(tc.precision, device, log.warning)
+    if tc.max_steps is not None and tc.num_epochs is not None:
+        log.info(f"--max_steps {tc.max_steps} given: it wins over --num_epochs {tc.num_epochs}")
+
     optimizer = torch.optim.AdamW(
         param_groups(model, tc.weight_decay),
         lr=tc.learning_rate,
         betas=(0.9, 0.999),
         eps=1e-8,
-        fused=fused,
+        fused=True,  # one kernel for all parameters; also lets a non-finite step be skipped
     )
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
-    start_step, best_mrr = 0, -math.inf
+    best_mrr = -math.inf
     if state is not None:
-        if state.get("vocab") != dataset.vocab.token_to_id:
-            raise UserError(
-                f"{resume_path}: the checkpoint's vocabulary does not match "
-                f"{tc.data_dir}/vocab.json"
-            )
         model.load_hf_state_dict(state["model_state_dict"])
         optimizer.load_state_dict(state["optimizer_state_dict"])
         if state.get("scaler_state_dict"):
             scaler.load_state_dict(state["scaler_state_dict"])
-        start_step = int(state["step"])
         best_mrr = float(state.get("best_mrr", -math.inf))
         torch.set_rng_state(state["rng_state"]["cpu"])
         if device.type == "cuda" and state["rng_state"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng_state"]["cuda"], device)
-    if start_step >= max_steps:
-        raise UserError(f"the run is already at step {start_step} >= --max_steps {max_steps}")
-
     run_model: torch.nn.Module = model
     if d.enabled:
         run_model = torch.nn.parallel.DistributedDataParallel(
@@ -377,11 +396,22 @@ def _train(
     seq_all = train_split.seq.to(device)
     kind_all = train_split.kind.to(device)
     valid_split = dataset.valid[tc.valid_split]
-    preempt = Preemption()
     params = [p for p in model.parameters() if p.requires_grad]
     bad_run = 0
-    running = torch.zeros(2, device=device)  # this rank's share of the global ntp, jepa means
+    # Sums of the current log window (this rank's share of the global ntp, jepa means); saved in
+    # checkpoints so that a resumed run writes exactly the records of an uninterrupted one.
+    running = torch.zeros(2, device=device)
     steps_in_window = 0
+    if state is not None and "log_window" in state:
+        steps_in_window = int(state["log_window"]["steps"])
+        if d.main:
+            running += state["log_window"]["sums"].to(device)
+
+    def snapshot(window_sums: torch.Tensor) -> dict[str, Any]:
+        out = _state(model, optimizer, scaler, config, dataset, step, spe, best_mrr, device)
+        out["log_window"] = {"sums": window_sums.detach().cpu(), "steps": steps_in_window}
+        return out
+
     t_last, step_last = time.perf_counter(), start_step
     epoch_cached, perm = -1, None
     progress = _progress(d.main, start_step, max_steps)
@@ -416,6 +446,7 @@ def _train(
             device,
             d.world,
             tc.max_grad_norm,
+            step + 1,
         )
         out, loss, ntp, jepa, grad_norm, bad = (
             res.out,
@@ -477,12 +508,9 @@ def _train(
                 )
                 if metrics[model.headline_metric] > best_mrr:
                     best_mrr = metrics[model.headline_metric]
-                    save_checkpoint(
-                        ckpt_dir / "best_model.pt",
-                        _state(
-                            model, optimizer, scaler, config, dataset, step, spe, best_mrr, device
-                        ),
-                    )
+                    # (under DDP its log window holds rank 0's share only; resume from
+                    # checkpoint_step_*.pt for exact metrics)
+                    save_checkpoint(ckpt_dir / "best_model.pt", snapshot(running))
             if d.enabled:
                 best = torch.tensor([best_mrr], device=device, dtype=torch.float64)
                 dist.broadcast(best, 0)
@@ -503,12 +531,12 @@ def _train(
             )
             or stop
         ):
+            window = running.clone()
+            if d.enabled:
+                dist.all_reduce(window)
             if d.main:
                 path = ckpt_dir / f"checkpoint_step_{step}.pt"
-                save_checkpoint(
-                    path,
-                    _state(model, optimizer, scaler, config, dataset, step, spe, best_mrr, device),
-                )
+                save_checkpoint(path, snapshot(window))
                 log.info(f"saved {path}")
             if d.enabled:
                 dist.barrier()
@@ -549,6 +577,7 @@ def train_step(
     device: torch.device,
     world: int,
     max_grad_norm: float,
+    step_index: int = -1,
 ) -> StepResult:
     """One optimizer update; no host synchronisation (the trainer and `revjepa bench` share it)."""
     for group in optimizer.param_groups:
@@ -563,6 +592,8 @@ def train_step(
     jepa = out.jepa_sum / counts[1].clamp(min=1)
     loss = oc.gamma_ntp * ntp + (oc.lambda_jepa * jepa if oc.jepa_active else 0.0)
     scaler.scale(loss * world).backward()  # DDP averages gradients over ranks
+    if crash_requested("step", step_index):
+        crash()
     scaler.unscale_(optimizer)
     clip = max_grad_norm if max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
