@@ -59,12 +59,17 @@ class Dist:
         return self.world > 1
 
 
+def launcher_world_size() -> int:
+    """The number of processes the launcher (torchrun or srun) started, before any set-up."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
+
+
 def init_distributed(device_kind: str) -> Dist:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a bare `srun` (one task per GPU) sets SLURM_*."""
-    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         if "MASTER_ADDR" not in os.environ:
             raise UserError("srun with several tasks: export MASTER_ADDR (and MASTER_PORT) first")
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -209,11 +214,25 @@ def resolve_run(
         path = Path(resume_from)
         state = load_checkpoint(path)
     saved = RunConfig.from_dict(state["config"])
+    # The global batch must stay the same; the per-process batch follows the world size.
+    saved_global = saved.train.batch_size * int(state.get("world_size", 1))
+    world = launcher_world_size()
+    given_batch = overrides.get("train", {}).get("batch_size")
+    if given_batch is None and saved_global % world == 0:
+        per_process = saved_global // world
+    else:
+        per_process = given_batch if given_batch is not None else saved.train.batch_size
+    if per_process * world != saved_global:
+        raise UserError(
+            f"{path}: the run's global batch is {saved_global}; with {world} process(es) use "
+            f"--batch_size {saved_global / world:g} (a whole number is required)"
+        )
+    overrides = {**overrides, "train": {**overrides.get("train", {}), "batch_size": per_process}}
     conflicts = []
     for section, values in overrides.items():
         saved_section = getattr(saved, section)
         for name, value in values.items():
-            if name in RESUMABLE_OVERRIDES:
+            if name in RESUMABLE_OVERRIDES or name == "batch_size":
                 continue
             if getattr(saved_section, name) != value:
                 conflicts.append(f"--{name} {value} (checkpoint: {getattr(saved_section, name)})")
@@ -222,7 +241,7 @@ def resolve_run(
     merged = saved.to_dict()
     for section, values in overrides.items():
         for name, value in values.items():
-            if name in RESUMABLE_OVERRIDES:
+            if name in RESUMABLE_OVERRIDES or name == "batch_size":
                 merged[section][name] = value
     if "output_dir" not in overrides.get("train", {}) and resume_from != "latest":
         # resuming from an explicit path: keep writing next to that checkpoint's run
@@ -408,7 +427,9 @@ def _train(
             running += state["log_window"]["sums"].to(device)
 
     def snapshot(window_sums: torch.Tensor) -> dict[str, Any]:
-        out = _state(model, optimizer, scaler, config, dataset, step, spe, best_mrr, device)
+        out = _state(
+            model, optimizer, scaler, config, dataset, step, spe, best_mrr, device, d.world
+        )
         out["log_window"] = {"sums": window_sums.detach().cpu(), "steps": steps_in_window}
         return out
 
@@ -620,6 +641,7 @@ def _state(
     spe: int,
     best_mrr: float,
     device: torch.device,
+    world_size: int,
 ) -> dict[str, Any]:
     return {
         "model_state_dict": model.hf_state_dict(),
@@ -638,6 +660,7 @@ def _state(
         "family": config.model.family,
         "vocab": dataset.vocab.token_to_id,
         "entity_len": dataset.entity_len,
+        "world_size": world_size,
     }
 
 
