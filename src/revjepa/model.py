@@ -92,7 +92,9 @@ def gpt2_hidden_states(
         )
         y = y.transpose(1, 2).reshape(h.shape)
         h = h + attn.resid_dropout(attn.c_proj(y))
-        h = h + block.mlp(block.ln_2(h))
+        mlp = block.mlp
+        # F.gelu(tanh) is GPT-2's "gelu_new" as one fused kernel (HF's version is 8 elementwise ops)
+        h = h + mlp.dropout(mlp.c_proj(F.gelu(mlp.c_fc(block.ln_2(h)), approximate="tanh")))
         if collect_layers:
             layers.append(h)
     return h, layers
