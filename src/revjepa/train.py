@@ -181,12 +181,21 @@ class RunLock:
         self.fh.flush()
 
 
+class _TqdmAwareHandler(logging.StreamHandler):
+    """Log lines go above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=self.stream)
+
+
 def setup_logging(output_dir: Path | None, main: bool) -> None:
     log.handlers.clear()
     log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
+    stream = _TqdmAwareHandler(sys.stdout)
     stream.setFormatter(fmt)
     log.addHandler(stream)
     if output_dir is not None and main:
@@ -334,7 +343,9 @@ def _train(
     if start_step >= max_steps:
         raise UserError(f"the run is already at step {start_step} >= --max_steps {max_steps}")
     torch.manual_seed(tc.seed)
-    model = build_model(config.model, oc, dataset.vocab, dataset.entity_len).to(device)
+    model = build_model(
+        config.model, oc, dataset.vocab, dataset.entity_len, train_seq=train_split.seq
+    ).to(device)
 
     if d.main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -692,11 +703,5 @@ def _log_record(record: dict[str, Any], progress, valid_split: str) -> None:
         parts.append(f"{valid_split} mrr {record[mrr_key]:.4f}")
     line = " | ".join(parts)
     if progress is not None:
-        progress.set_postfix_str(line, refresh=False)
-        progress.write(line)
-        with contextlib.suppress(Exception):
-            for h in log.handlers:
-                if isinstance(h, logging.FileHandler):
-                    h.emit(logging.makeLogRecord({"msg": line}))
-    else:
-        log.info(line)
+        progress.set_postfix_str(f"loss {record.get('loss', float('nan')):.4g}", refresh=False)
+    log.info(line)
