@@ -1,0 +1,779 @@
+"""`revjepa bench`: training, evaluation, data and memory figures of this machine.
+
+Every timed figure is the median of `repeats` timed repeats, each of several steps, after a
+warm-up. Training uses the real `train_step` (fused AdamW from `param_groups`, a disabled
+GradScaler, batches indexed from the data tensors exactly like the trainer), so a change to the
+model or the trainer shows up here. FLOPs are counted analytically (`train_step_flops`) and set
+against the measured throughput of one large square matmul in the same precision: that ratio is
+the headline figure (how much of the machine's matmul speed the training step turns into useful
+work).
+
+float32 and bf16 training repeats are interleaved (same batches, same machine load) and the
+bf16 speed-up is the median of the per-repeat ratios. The machine may be shared: each training
+figure carries its CPU share (process CPU seconds / (wall seconds x torch threads), ~1 on an idle
+machine) and the best repeat besides the median, the load average before and after is recorded,
+and the table warns when the CPU share says other work took the cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .data import KIND_ID, GenConfig, Split, generate, load_dataset, write_generated
+from .errors import UserError
+from .evaluate import evaluate_split
+from .model import build_model
+from .train import (
+    _cpu_has_bf16,
+    epoch_permutation,
+    param_groups,
+    resolve_precision,
+    steps_per_epoch,
+    train_step,
+)
+
+# ----------------------------------------------------------------------------- sizes
+
+BUSY_CPU_SHARE = 0.9  # below this CPU share of the timed training the table warns
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    gen: GenConfig
+    cpu_model: ModelSize  # trained in fp32 and bf16 on the CPU, also the evaluated model
+    gpu_model: ModelSize  # the seed's configuration, bf16, only when CUDA is available
+    eval_batch_size: int
+    warmup_steps: int  # untimed training steps before the timed repeats
+    steps_per_repeat: int  # training steps per timed repeat
+    gpu_warmup_steps: int
+    gpu_steps_per_repeat: int
+    matmul_n: int  # square matmul size on the CPU
+    matmul_iters: int  # matmuls per timed repeat
+    gpu_matmul_n: int
+    eval_repeats: int  # at most this many timed evaluation passes (one pass is ~12 s in full)
+
+
+FULL = BenchSizes(
+    gen=GenConfig(),
+    cpu_model=ModelSize(n_layer=2, n_embd=256, n_head=4, batch_size=256),
+    gpu_model=ModelSize(n_layer=4, n_embd=768, n_head=12, batch_size=256),
+    eval_batch_size=256,
+    warmup_steps=3,
+    steps_per_repeat=4,
+    gpu_warmup_steps=10,
+    gpu_steps_per_repeat=20,
+    matmul_n=2048,
+    matmul_iters=4,
+    gpu_matmul_n=8192,
+    eval_repeats=1,
+)
+
+QUICK = BenchSizes(
+    gen=GenConfig(num_ga_entities=400, test_size=200),
+    cpu_model=ModelSize(n_layer=1, n_embd=32, n_head=2, batch_size=32),
+    gpu_model=ModelSize(n_layer=1, n_embd=64, n_head=2, batch_size=32),
+    eval_batch_size=32,
+    warmup_steps=1,
+    steps_per_repeat=2,
+    gpu_warmup_steps=1,
+    gpu_steps_per_repeat=2,
+    matmul_n=256,
+    matmul_iters=2,
+    gpu_matmul_n=512,
+    eval_repeats=1,
+)
+
+
+# ----------------------------------------------------------------------------- analytic counts
+
+
+def train_step_flops(
+    n_layer: int, n_embd: int, n_rows: int, row_len: int, n_scored: int, vocab: int
+) -> float:
+    """Analytic FLOPs of one training step (forward + backward) of the packed GPT-2 pass.
+
+    With d = n_embd, R = n_rows, T = row_len (tokens per packed row), N = R * T tokens:
+
+      per layer, the weight matmuls:  2 * N * 12 d^2
+          qkv projection 3 d^2 + attention output projection d^2 + MLP 4d -> d and d -> 4d
+          8 d^2 = 12 d^2 multiply-adds per token, 2 FLOPs per multiply-add;
+      per layer, the attention:       2 * 2 * R * T^2 * d
+          Q K^T and (softmax) V, each R * T * T * d multiply-adds over all heads (the
+          block-causal mask is applied densely, so the full T x T products are computed);
+      the LM head, only at the scored positions:  2 * n_scored * d * V.
+
+    forward = n_layer * (24 N d^2 + 4 R T^2 d) + 2 n_scored d V, and the step is 3 x forward
+    (the backward pass costs two matmuls per forward matmul: input and weight gradients).
+    Embedding lookups, LayerNorm, softmax, GELU, the loss and AdamW are elementwise and left out.
+    """
+    d = n_embd
+    tokens = n_rows * row_len
+    per_layer = 2 * tokens * 12 * d * d + 2 * 2 * n_rows * row_len * row_len * d
+    forward = n_layer * per_layer + 2 * n_scored * d * vocab
+    return 3.0 * forward
+
+
+def batch_shape(kind: torch.Tensor, seq_len: int, entity_len: int, jepa: bool, k: int):
+    """(rows, row_len, n_scored) of the packed pass of one batch (see model.py's packing).
+
+    JEPA rows (items of kind train when JEPA is on) hold one item each, every other item is
+    packed two per row; both row types are 2 * seq_len + k tokens long. The LM head scores
+    entity_len positions per item.
+    """
+    b = int(kind.numel())
+    k = k if jepa else 0
+    n_j = int((kind == KIND_ID["train"]).sum()) if jepa else 0
+    rows = n_j + math.ceil((b - n_j) / 2)
+    return rows, 2 * seq_len + k, b * entity_len
+
+
+def model_config(size: ModelSize) -> RunConfig:
+    """The default run configuration (dropout 0.1, JEPA on, k = 1, cosine) at the given size."""
+    cfg = RunConfig()
+    cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head = size.n_layer, size.n_embd, size.n_head
+    cfg.train.batch_size = size.batch_size
+    cfg.validate()
+    return cfg
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _cpu_share(cpu_start: float, wall_start: float) -> float:
+    """Process CPU seconds / (wall seconds x torch threads) since the starts: well below 1 when
+    other work on the machine took the cores (the figures are then pessimistic)."""
+    wall = time.perf_counter() - wall_start
+    return (time.process_time() - cpu_start) / max(wall * torch.get_num_threads(), 1e-9)
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class TrainBench:
+    """`train_step` at one size and precision, timed in repeats that can be interleaved with
+    another TrainBench's (so that two precisions see the same machine load, repeat by repeat).
+
+    Step i always trains on the trainer's batch of step i (seeded epoch permutation, tensor
+    index into the data on the device), so two benches see identical batches.
+    """
+
+    def __init__(
+        self,
+        seq_all: torch.Tensor,
+        kind_all: torch.Tensor,
+        vocab,
+        entity_len: int,
+        size: ModelSize,
+        precision: str,
+        device: torch.device,
+        steps: int,
+        compile_model: bool = False,
+    ) -> None:
+        cfg = model_config(size)
+        self.tc, self.oc = cfg.train, cfg.objective
+        self.size, self.precision, self.device = size, precision, device
+        self.steps, self.compiled = steps, compile_model
+        torch.manual_seed(self.tc.seed)
+        self.model = build_model(cfg.model, self.oc, vocab, entity_len).to(device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, self.tc.weight_decay),
+            lr=self.tc.learning_rate,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            fused=True,
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.run_model: torch.nn.Module = self.model
+        if compile_model:
+            self.run_model = torch.compile(self.model, dynamic=True)
+        self.n, self.batch = int(seq_all.shape[0]), self.tc.batch_size
+        self.spe = steps_per_epoch(self.n, self.batch, "bench data")
+        self.vocab_size, self.entity_len = vocab.size, entity_len
+        self.seq_len = int(seq_all.shape[1])
+        self.kind_cpu = kind_all.cpu()
+        self.seq_dev, self.kind_dev = seq_all.to(device), kind_all.to(device)
+        self.perm_cpu: dict[int, torch.Tensor] = {}
+        self.perm_dev: dict[int, torch.Tensor] = {}
+        self.step = 0
+        self.warmup_steps, self.warmup_seconds = 0, 0.0
+        self.seconds: list[float] = []
+        self.shapes: list[tuple[int, int, int]] = []  # (rows, row_len, scored) of timed steps
+        self.cpu_seconds, self.wall_seconds = 0.0, 0.0
+        self.res = None
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self.perm_cpu:
+            self.perm_cpu[epoch] = epoch_permutation(self.tc.seed, epoch, self.n)
+            self.perm_dev[epoch] = self.perm_cpu[epoch].to(self.device)
+        return self.perm_dev[epoch]
+
+    def _shape(self, step: int) -> tuple[int, int, int]:
+        epoch, pos = divmod(step, self.spe)
+        self._perm(epoch)
+        idx = self.perm_cpu[epoch][pos * self.batch : (pos + 1) * self.batch]
+        oc = self.oc
+        return batch_shape(
+            self.kind_cpu[idx], self.seq_len, self.entity_len, oc.jepa_active, oc.k_pred_tok
+        )
+
+    def _run(self, step: int) -> None:
+        # the trainer's batch: a tensor index into the data on the device
+        epoch, pos = divmod(step, self.spe)
+        idx = self._perm(epoch)[pos * self.batch : (pos + 1) * self.batch]
+        self.res = train_step(
+            self.run_model,
+            self.optimizer,
+            self.scaler,
+            self.params,
+            self.seq_dev[idx],
+            self.kind_dev[idx],
+            None,
+            self.tc.learning_rate,
+            self.oc,
+            self.precision,
+            self.device,
+            1,
+            self.tc.max_grad_norm,
+        )
+
+    def warm(self, steps: int) -> None:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self._run(self.step)
+            self.step += 1
+        _sync(self.device)
+        self.warmup_steps += steps
+        self.warmup_seconds += time.perf_counter() - t0
+
+    def repeat(self) -> None:
+        """One timed repeat of `steps` steps (shapes are computed before the clock starts)."""
+        self.shapes += [self._shape(s) for s in range(self.step, self.step + self.steps)]
+        _sync(self.device)
+        c0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(self.steps):
+            self._run(self.step)
+            self.step += 1
+        _sync(self.device)
+        dt = time.perf_counter() - t0
+        self.seconds.append(dt)
+        self.cpu_seconds += time.process_time() - c0
+        self.wall_seconds += dt
+
+    def result(self) -> dict[str, Any]:
+        if not self.seconds or self.res is None:
+            raise ValueError("no timed repeat")
+        loss = float(self.res.loss)
+        if not math.isfinite(loss):
+            raise UserError(f"bench: non-finite training loss {loss} ({self.precision})")
+        size, k = self.size, self.steps
+        flops = [
+            train_step_flops(size.n_layer, size.n_embd, r, t, s, self.vocab_size)
+            for r, t, s in self.shapes
+        ]
+        tokens = [r * t for r, t, _ in self.shapes]
+        rates: dict[str, list[float]] = {"steps": [], "tokens": [], "items": [], "flops": []}
+        for i, dt in enumerate(self.seconds):
+            rates["steps"].append(k / dt)
+            rates["tokens"].append(sum(tokens[i * k : (i + 1) * k]) / dt)
+            rates["items"].append(k * self.batch / dt)
+            rates["flops"].append(sum(flops[i * k : (i + 1) * k]) / dt)
+        n = len(self.shapes)
+        return {
+            "precision": self.precision,
+            "device": str(self.device),
+            "compiled": self.compiled,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "batch_size": self.batch,
+            "rows_per_step": sum(r for r, _, _ in self.shapes) / n,
+            "row_len": self.shapes[0][1],
+            "scored_per_step": self.shapes[0][2],
+            "tokens_per_step": sum(tokens) / n,
+            "flops_per_step": sum(flops) / n,
+            "warmup_steps": self.warmup_steps,
+            "warmup_seconds": self.warmup_seconds,
+            "steps_per_repeat": k,
+            "repeat_seconds": self.seconds,
+            "steps_per_s": _median(rates["steps"]),
+            "seconds_per_step": 1.0 / _median(rates["steps"]),
+            "tokens_per_s": _median(rates["tokens"]),
+            "items_per_s": _median(rates["items"]),
+            "achieved_flops_per_s": _median(rates["flops"]),
+            "best_steps_per_s": max(rates["steps"]),
+            "best_achieved_flops_per_s": max(rates["flops"]),
+            "cpu_share": self.cpu_seconds / max(self.wall_seconds * torch.get_num_threads(), 1e-9),
+            "last_loss": loss,
+        }
+
+
+def bench_train(
+    seq_all: torch.Tensor,
+    kind_all: torch.Tensor,
+    vocab,
+    entity_len: int,
+    runs: list[tuple[ModelSize, str, torch.device, bool]],
+    repeats: int,
+    warmup: int,
+    steps: int,
+) -> list[dict[str, Any]]:
+    """Time `train_step` for each (size, precision, device, compiled); repeats interleaved."""
+    benches = [
+        TrainBench(seq_all, kind_all, vocab, entity_len, size, prec, dev, steps, compiled)
+        for size, prec, dev, compiled in runs
+    ]
+    for b in benches:
+        b.warm(warmup)
+    for _ in range(repeats):
+        for b in benches:
+            b.repeat()
+    return [b.result() for b in benches]
+
+
+def paired_speedup(slow: dict[str, Any], fast: dict[str, Any]) -> float:
+    """Median over repeats of slow / fast repeat seconds (interleaved repeats see the same load)."""
+    return _median([a / b for a, b in zip(slow["repeat_seconds"], fast["repeat_seconds"])])
+
+
+# ----------------------------------------------------------------------------- matmul
+
+
+def bench_matmul(
+    n: int, dtype: torch.dtype, device: torch.device, repeats: int, iters: int
+) -> dict[str, Any]:
+    """Median FLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs) in `dtype`."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    _sync(device)
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b, out=out)
+        _sync(device)
+        rates.append(2.0 * n**3 * iters / (time.perf_counter() - t0))
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops_per_s": _median(rates)}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def bench_eval(
+    valid: dict[str, Split], vocab, entity_len: int, size: ModelSize, batch_size: int, repeats: int
+) -> dict[str, Any]:
+    """Items/s of `evaluate_split` over the validation splits (float32, CPU)."""
+    cfg = model_config(size)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.objective, vocab, entity_len)
+    first = next(iter(valid.values()))
+    evaluate_split(model, Split(first.seq[:batch_size], first.kind[:batch_size]), batch_size)
+    per_split: dict[str, list[float]] = {name: [] for name in valid}
+    totals = []
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    for _ in range(repeats):
+        total = 0.0
+        for name, split in valid.items():
+            t0 = time.perf_counter()
+            evaluate_split(model, split, batch_size)
+            dt = time.perf_counter() - t0
+            per_split[name].append(dt)
+            total += dt
+        totals.append(total)
+    n_items = sum(len(s) for s in valid.values())
+    total = _median(totals)
+    return {
+        "batch_size": batch_size,
+        "items": n_items,
+        "repeats": repeats,
+        "total_seconds": total,
+        "items_per_s": n_items / total,
+        "cpu_share": _cpu_share(cpu_start, wall_start),
+        "splits": {
+            name: {"items": len(valid[name]), "items_per_s": len(valid[name]) / _median(ts)}
+            for name, ts in per_split.items()
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- memory of loading
+
+_RSS_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+import revjepa.data as data  # the same imports in both modes: equal baselines
+
+
+def hwm_mib():
+    # VmHWM: the peak RSS of this process image (ru_maxrss would report the forking parent's)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+mode, data_dir = sys.argv[1], Path(sys.argv[2])
+base = hwm_mib()
+t0 = time.perf_counter()
+if mode == "load_dataset":
+    obj = data.load_dataset(data_dir)
+else:
+    with open(data_dir / "train.json", encoding="utf-8") as fh:
+        obj = json.load(fh)
+seconds = time.perf_counter() - t0
+print(json.dumps({"baseline_mib": base, "peak_mib": hwm_mib(), "seconds": seconds}))
+"""
+
+
+def load_rss(data_dir: Path, mode: str) -> dict[str, float]:
+    """Peak RSS of a fresh interpreter that only loads the dataset (`load_dataset` or `json`)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, mode, str(data_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        raise UserError(f"bench: the {mode} memory probe failed: {tail}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["delta_mib"] = out["peak_mib"] - out["baseline_mib"]
+    return out
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
+    """Run every measurement, print a table, write the JSON results to `output`; return them."""
+    if repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory")
+    sizes = QUICK if quick else FULL
+    cpu = torch.device("cpu")
+    load_start = _loadavg()
+    wall_start = time.perf_counter()
+    results: dict[str, Any] = {}
+
+    # ---- data: generate in memory, write, load exactly like the trainer
+    _log("bench: generating the dataset")
+    t0 = time.perf_counter()
+    gen = generate(sizes.gen)
+    gen_seconds = time.perf_counter() - t0
+    tmp = Path(tempfile.mkdtemp(prefix="revjepa-bench-"))
+    try:
+        t0 = time.perf_counter()
+        written = write_generated(gen, tmp)
+        write_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ds = load_dataset(tmp)
+        load_seconds = time.perf_counter() - t0
+        _log("bench: measuring the memory of loading (subprocesses)")
+        rss_load = load_rss(tmp, "load_dataset")
+        rss_json = load_rss(tmp, "json")
+        train_json_mib = written["train.json"].stat().st_size / 2**20
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    del gen
+    results["data"] = {
+        "gen_config": asdict(sizes.gen),
+        "train_items": len(ds.train),
+        "train_kind_train_share": float((ds.train.kind == KIND_ID["train"]).float().mean()),
+        "vocab_size": ds.vocab.size,
+        "gen_seconds": gen_seconds,
+        "write_seconds": write_seconds,
+        "load_seconds": load_seconds,
+        "train_json_mib": train_json_mib,
+    }
+
+    # ---- training on the CPU, float32 and bf16 (repeats interleaved)
+    train_cpu: dict[str, Any] = {}
+    notices: list[str] = []
+    wanted = []
+    for precision in ("fp32", "bf16"):
+        if resolve_precision(precision, cpu, notices.append) != precision:
+            train_cpu[precision] = {"skipped": notices[-1] if notices else "unsupported"}
+        else:
+            wanted.append(precision)
+    _log(f"bench: training steps, cpu {' and '.join(wanted)}")
+    measured = bench_train(
+        ds.train.seq,
+        ds.train.kind,
+        ds.vocab,
+        ds.entity_len,
+        [(sizes.cpu_model, p, cpu, False) for p in wanted],
+        repeats,
+        sizes.warmup_steps,
+        sizes.steps_per_repeat,
+    )
+    train_cpu.update(zip(wanted, measured))
+    results["train_cpu"] = {p: train_cpu[p] for p in ("fp32", "bf16")}
+    train_cpu = results["train_cpu"]
+
+    # ---- matmul throughput of this CPU, same precisions
+    _log("bench: matmul throughput")
+    matmul_cpu = {
+        "fp32": bench_matmul(sizes.matmul_n, torch.float32, cpu, repeats, sizes.matmul_iters)
+    }
+    if "skipped" in train_cpu["bf16"]:
+        matmul_cpu["bf16"] = {"skipped": train_cpu["bf16"]["skipped"]}
+    else:
+        matmul_cpu["bf16"] = bench_matmul(
+            sizes.matmul_n, torch.bfloat16, cpu, repeats, sizes.matmul_iters
+        )
+    results["matmul_cpu"] = matmul_cpu
+    for precision, tr in train_cpu.items():
+        if "skipped" not in tr:
+            tr["fraction_of_matmul"] = (
+                tr["achieved_flops_per_s"] / matmul_cpu[precision]["flops_per_s"]
+            )
+    if "skipped" not in train_cpu["bf16"]:
+        results["bf16_speedup"] = paired_speedup(train_cpu["fp32"], train_cpu["bf16"])
+
+    # ---- evaluation
+    _log("bench: evaluation")
+    results["eval"] = bench_eval(
+        ds.valid,
+        ds.vocab,
+        ds.entity_len,
+        sizes.cpu_model,
+        sizes.eval_batch_size,
+        min(repeats, sizes.eval_repeats),
+    )
+
+    # ---- the seed's configuration on the GPU
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda", torch.cuda.current_device())
+        gpu_results: dict[str, Any] = {"device_name": torch.cuda.get_device_name(gpu)}
+        precision = resolve_precision("bf16", gpu, lambda _m: None)
+        for variant, compiled in (("eager", False), ("compiled", True)):
+            _log(f"bench: training steps, gpu {precision} {variant}")
+            try:
+                (gpu_results[variant],) = bench_train(
+                    ds.train.seq,
+                    ds.train.kind,
+                    ds.vocab,
+                    ds.entity_len,
+                    [(sizes.gpu_model, precision, gpu, compiled)],
+                    repeats,
+                    sizes.gpu_warmup_steps,
+                    sizes.gpu_steps_per_repeat,
+                )
+            except Exception as exc:  # compile support varies by platform
+                if not compiled:
+                    raise
+                gpu_results[variant] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        gpu_results["matmul"] = bench_matmul(sizes.gpu_matmul_n, dtype, gpu, repeats, 10)
+        for variant in ("eager", "compiled"):
+            tr = gpu_results[variant]
+            if "skipped" not in tr:
+                tr["fraction_of_matmul"] = (
+                    tr["achieved_flops_per_s"] / gpu_results["matmul"]["flops_per_s"]
+                )
+        gpu_results["peak_allocated_mib"] = torch.cuda.max_memory_allocated(gpu) / 2**20
+        results["gpu"] = gpu_results
+    else:
+        results["gpu"] = {"skipped": "CUDA not available"}
+
+    results["memory"] = {
+        "peak_rss_mib": _peak_rss_mib(),
+        "load_dataset": rss_load,
+        "json_load_train": rss_json,
+        "load_vs_json_delta_ratio": rss_load["delta_mib"] / max(rss_json["delta_mib"], 1e-9),
+    }
+    results["bench_seconds"] = time.perf_counter() - wall_start
+    shares = [tr["cpu_share"] for tr in train_cpu.values() if "cpu_share" in tr]
+    results["machine_busy"] = bool(shares) and min(shares) < BUSY_CPU_SHARE
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_model": cpu_model_name(),
+        "cpu_has_bf16": _cpu_has_bf16(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average_1min": {"start": load_start, "end": _loadavg()},
+        "config": {
+            "quick": quick,
+            "repeats": repeats,
+            "cpu_model": asdict(sizes.cpu_model),
+            "gpu_model": asdict(sizes.gpu_model),
+            "objective": "JEPA on, k=1, cosine, dropout 0.1, lr 1e-4 constant, fused AdamW",
+            "eval_batch_size": sizes.eval_batch_size,
+            "warmup_steps": sizes.warmup_steps,
+            "steps_per_repeat": sizes.steps_per_repeat,
+            "matmul_n": sizes.matmul_n,
+            "matmul_iters": sizes.matmul_iters,
+        },
+        "results": results,
+    }
+    print(format_table(report))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
+    return report
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _g(x: float) -> str:
+    g = x / 1e9
+    return f"{g:,.1f}" if g >= 10 else f"{g:.3f}"
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(figure, value, unit) rows of the printed table."""
+    r = report["results"]
+    rows: list[tuple[str, str, str]] = []
+    for precision in ("fp32", "bf16"):
+        tr = r["train_cpu"][precision]
+        if "skipped" in tr:
+            rows.append((f"train cpu {precision}", "skipped", tr["skipped"]))
+            continue
+        mm = r["matmul_cpu"][precision]
+        rows += [
+            (f"train cpu {precision} steps/s", f"{tr['steps_per_s']:.3f}", "steps/s"),
+            (f"train cpu {precision} steps/s best", f"{tr['best_steps_per_s']:.3f}", "steps/s"),
+            (f"train cpu {precision} tokens/s", f"{tr['tokens_per_s']:,.0f}", "tokens/s"),
+            (f"train cpu {precision} items/s", f"{tr['items_per_s']:,.0f}", "items/s"),
+            (f"train cpu {precision} achieved", _g(tr["achieved_flops_per_s"]), "GFLOP/s"),
+            (f"matmul {mm['n']} {precision}", _g(mm["flops_per_s"]), "GFLOP/s"),
+            (f"train/matmul {precision}", f"{tr['fraction_of_matmul']:.3f}", "ratio"),
+            (f"train cpu {precision} CPU share", f"{tr['cpu_share']:.2f}", "of threads x wall"),
+        ]
+    if "bf16_speedup" in r:
+        rows.append(("bf16 speed-up over fp32 (paired)", f"{r['bf16_speedup']:.2f}", "x"))
+    ev = r["eval"]
+    rows.append(("eval items/s (3 splits)", f"{ev['items_per_s']:,.0f}", "items/s"))
+    rows.append(("eval total", f"{ev['total_seconds']:.2f}", "s"))
+    g = r["gpu"]
+    if "skipped" in g:
+        rows.append(("gpu", "skipped", g["skipped"]))
+    else:
+        for variant in ("eager", "compiled"):
+            tr = g[variant]
+            if "skipped" in tr:
+                rows.append((f"gpu {variant}", "skipped", tr["skipped"][:60]))
+                continue
+            rows += [
+                (f"gpu {variant} steps/s", f"{tr['steps_per_s']:.2f}", "steps/s"),
+                (f"gpu {variant} tokens/s", f"{tr['tokens_per_s']:,.0f}", "tokens/s"),
+                (f"gpu {variant} achieved", _g(tr["achieved_flops_per_s"]), "GFLOP/s"),
+                (f"gpu {variant} train/matmul", f"{tr['fraction_of_matmul']:.3f}", "ratio"),
+            ]
+        rows.append((f"gpu matmul {g['matmul']['n']}", _g(g["matmul"]["flops_per_s"]), "GFLOP/s"))
+    d = r["data"]
+    rows += [
+        ("dataset generation", f"{d['gen_seconds']:.2f}", "s"),
+        ("dataset write (JSON)", f"{d['write_seconds']:.2f}", "s"),
+        ("dataset load", f"{d['load_seconds']:.2f}", "s"),
+    ]
+    m = r["memory"]
+    rows += [
+        ("peak RSS (bench process)", f"{m['peak_rss_mib']:,.0f}", "MiB"),
+        ("load_dataset peak RSS", f"{m['load_dataset']['peak_mib']:,.0f}", "MiB"),
+        ("  above baseline", f"{m['load_dataset']['delta_mib']:,.0f}", "MiB"),
+        ("json.load(train.json) peak RSS", f"{m['json_load_train']['peak_mib']:,.0f}", "MiB"),
+        ("  above baseline", f"{m['json_load_train']['delta_mib']:,.0f}", "MiB"),
+        ("load / json.load (above baseline)", f"{m['load_vs_json_delta_ratio']:.2f}", "ratio"),
+        ("bench wall time", f"{r['bench_seconds']:.1f}", "s"),
+    ]
+    return rows
+
+
+def busy_warning(report: dict[str, Any]) -> str | None:
+    """A warning line when other work took the cores during the timed training repeats."""
+    shares = [
+        tr["cpu_share"] for tr in report["results"]["train_cpu"].values() if "cpu_share" in tr
+    ]
+    if shares and min(shares) < BUSY_CPU_SHARE:
+        return (
+            f"WARNING: the machine was busy (CPU share {min(shares):.2f} < {BUSY_CPU_SHARE}): "
+            "the timings are pessimistic; rerun on an idle machine"
+        )
+    return None
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = table_rows(report)
+    la = report["load_average_1min"]
+    head = [
+        f"revjepa bench  {report['date']}  torch {report['torch']}  {report['threads']} threads",
+        f"cpu: {report['cpu_model']}  (load average start {la['start']}, end {la['end']})",
+    ]
+    busy = busy_warning(report)
+    if busy:
+        head.append(busy)
+    w0 = max(len(a) for a, _, _ in rows)
+    w1 = max(len(b) for _, b, _ in rows)
+    header = f"{'figure':<{w0}}  {'value':>{w1}}  unit"
+    lines = [*head, header, "-" * len(header)]
+    lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
