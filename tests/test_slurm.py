@@ -1,0 +1,120 @@
+"""SLURM scripts: shell-checked, runnable as batch scripts, and requeue on the preemption signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from revjepa.data import GenConfig, generate, write_generated
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["train_jepa_osc.sh", "test_jepa_osc.sh", "run", ".ci/run"]
+TINY = "--n_layer 1 --n_embd 32 --n_head 2 --batch_size 16 --device cpu --eval_steps 5"
+
+
+def test_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).with_name("shellcheck"))
+    if not Path(shellcheck).exists():
+        pytest.skip("shellcheck not installed")
+    proc = subprocess.run([shellcheck, *SCRIPTS], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_sbatch_lines_have_no_personal_settings():
+    for name in ("train_jepa_osc.sh", "test_jepa_osc.sh"):
+        text = (REPO / name).read_text()
+        active = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+        assert not any("--account" in line or "--partition" in line for line in active)
+        assert "/fs/" not in text and "herb" not in text
+    assert "#SBATCH --signal=B:USR1@120" in (REPO / "train_jepa_osc.sh").read_text()
+
+
+@pytest.fixture()
+def slurm_env(tmp_path) -> dict[str, str]:
+    """A fake SLURM around the script: scontrol records its calls; python is the test's venv."""
+    data = tmp_path / "data"
+    write_generated(generate(GenConfig(num_ga_entities=200, num_rel_pairs=2, test_size=40)), data)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(
+        f'export PATH="{Path(sys.executable).parent}:{bin_dir}:$PATH"\n'
+    )
+    env = dict(os.environ)
+    env.pop("REVJEPA_CRASH", None)
+    env.update(
+        REPO_DIR=str(REPO),
+        DATA_DIR=str(data),
+        VENV=str(venv),
+        SLURM_JOB_ID="4242",
+        OUTPUT_DIR=str(tmp_path / "run"),
+        GPUS_PER_NODE="1",
+        PATH=f"{bin_dir}:{env['PATH']}",
+    )
+    return env
+
+
+def test_train_script_requeues_on_usr1_and_the_requeued_job_resumes(slurm_env, tmp_path):
+    env = dict(slurm_env, EXTRA_ARGS=f"{TINY} --max_steps 400 --log_interval 2 --save_steps 1000")
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "train_jepa_osc.sh")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("checkpoint_step_*.pt"))
+    assert len(ckpts) == 1
+    stopped = int(ckpts[0].stem.split("_")[-1])
+    assert 0 < stopped < 400
+
+    # the requeued job runs the same script again and continues from the checkpoint
+    env["EXTRA_ARGS"] = f"{TINY} --max_steps {stopped + 4} --log_interval 2 --save_steps 1000"
+    again = subprocess.run(
+        ["bash", str(REPO / "train_jepa_osc.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from {ckpts[0]} at step {stopped}" in again.stdout
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert rows[-1]["step"] == stopped + 4
+
+
+def test_quick_test_script_trains_and_evaluates(slurm_env, tmp_path):
+    # test_jepa_osc.sh has no EXTRA_ARGS: run it on the tiny dataset as written (1 epoch)
+    proc = subprocess.run(
+        ["bash", str(REPO / "test_jepa_osc.sh")],
+        cwd=REPO,
+        env=slurm_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["splits"]) == {"train", "atomic", "test"}
