@@ -291,7 +291,11 @@ class GPT2Jepa(nn.Module):
 
 
 def build_model(
-    model_cfg: ModelConfig, objective: ObjectiveConfig, vocab: Vocab, entity_len: int
+    model_cfg: ModelConfig,
+    objective: ObjectiveConfig,
+    vocab: Vocab,
+    entity_len: int,
+    train_seq: torch.Tensor | None = None,  # noqa: ARG001  (families that need the data)
 ) -> nn.Module:
     """The model of the configured family (the trainer and evaluator only use this interface)."""
     if model_cfg.family == "gpt2_jepa":
