@@ -11,7 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from .config import RunConfig, add_config_arguments, apply_overrides, given_overrides, new_parser
+from .config import (
+    RunConfig,
+    add_config_arguments,
+    apply_overrides,
+    expand_preset,
+    given_overrides,
+    new_parser,
+)
 from .errors import UserError
 
 
@@ -93,7 +100,7 @@ def cmd_train(argv: list[str], prog: str = "revjepa train") -> int:
     from .train import train
 
     a = _train_parser(prog).parse_args(argv)
-    overrides = given_overrides(a)
+    overrides = expand_preset(given_overrides(a))  # --preset NAME: its values under the flags
     config = apply_overrides(RunConfig(), overrides)
     config.validate()
     train(config, overrides, a.resume_from)

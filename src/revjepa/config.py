@@ -17,8 +17,63 @@ from .errors import UserError
 DISTANCE_METRICS = ("cosine", "l2", "mse", "infonce")
 SCHEDULERS = ("constant_with_warmup", "linear", "cosine")
 SPLITS = ("train", "atomic", "test")
-MODEL_FAMILIES = ("gpt2_jepa",)
+MODEL_FAMILIES = ("gpt2_jepa", "concept_jepa")
 PRECISIONS = ("fp32", "bf16", "fp16")
+CONCEPT_NORMS = ("rms", "layernorm")
+CONCEPT_CANDIDATES = ("all", "entities")
+
+# Named partial configurations (`--preset NAME`; explicit flags override them). The ws_* ones are
+# Wang & Sun (2025)'s concept-level JEPA settings (§3.3 / App. B): d = 768, 12 heads, batch 1024,
+# lr 1e-4, 2000 warm-up steps then constant, weight decay 0.25, no positional encodings.
+_WS_PAPER = {
+    "model": {"family": "concept_jepa", "n_embd": 768, "n_head": 12, "position_embeddings": False},
+    "train": {
+        "batch_size": 1024,
+        "learning_rate": 1e-4,
+        "warmup_steps": 2000,
+        "scheduler": "constant_with_warmup",
+        "weight_decay": 0.25,
+    },
+}
+
+
+def _preset(base: dict[str, dict[str, Any]], **model: Any) -> dict[str, dict[str, Any]]:
+    return {**base, "model": {**base["model"], **model}}
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "ws_jepa_1_1": _preset(_WS_PAPER, num_rec_layers=1, num_sem_layers=1),
+    "ws_jepa_2_2": _preset(_WS_PAPER, num_rec_layers=2, num_sem_layers=2),
+    "ws_jepa_3_3": _preset(_WS_PAPER, num_rec_layers=3, num_sem_layers=3),
+    "ws_jepa_2_6": _preset(_WS_PAPER, num_rec_layers=2, num_sem_layers=6),
+    "ws_jepa_3_12": _preset(_WS_PAPER, num_rec_layers=3, num_sem_layers=12),
+    "ws_jepa_mem_1": _preset(_WS_PAPER, num_rec_layers=1, num_sem_layers=1, memory_layer=True),
+    "ws_jepa_mem_6": _preset(_WS_PAPER, num_rec_layers=1, num_sem_layers=6, memory_layer=True),
+    # CPU-sized 1+1 model for |E_A| = 2,000 (revjepa gen-data --num_ga_entities 2000)
+    "ws_jepa_small": {
+        "model": {
+            "family": "concept_jepa",
+            "n_embd": 128,
+            "n_head": 4,
+            "num_rec_layers": 1,
+            "num_sem_layers": 1,
+            "position_embeddings": False,
+            "dropout": 0.0,
+        },
+        "train": {
+            "batch_size": 256,
+            "learning_rate": 1e-3,
+            "warmup_steps": 200,
+            "scheduler": "constant_with_warmup",
+            "weight_decay": 0.25,
+            "save_steps": 2000,
+            "save_step_dense": 2000,
+            "save_step_dense_interval": 1000,
+            "eval_steps": 1000,
+            "log_interval": 200,
+        },
+    },
+}
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -38,6 +93,29 @@ class ModelConfig:
         True, "learned positional embeddings (--no_position_embeddings: none, as Wang & Sun 2025)"
     )
     dropout: float = _f(0.1, "embedding, attention and residual dropout (0 = deterministic)")
+    # --- model family concept_jepa (n_layer, n_positions, position and tie flags do not apply)
+    num_rec_layers: int = _f(
+        1, "concept_jepa: GPT-2 blocks of the recognition module (each patch encoded alone)"
+    )
+    num_sem_layers: int = _f(
+        1, "concept_jepa: GPT-2 blocks of the semantic module (over the concept vectors)"
+    )
+    concept_norm: str = _f(
+        "rms",
+        "concept_jepa: rms (parameter-free, predictions only) or layernorm (affine, "
+        "predictions and candidates)",
+        choices=CONCEPT_NORMS,
+    )
+    memory_layer: bool = _f(
+        False, "concept_jepa: a memory layer replaces the recognition module (needs R = 1)"
+    )
+    memory_top_k: int = _f(1, "concept_jepa memory layer: softmax over the top-k scores only")
+    memory_value_only: bool = _f(
+        False, "concept_jepa memory layer: freeze embeddings and keys, train the values only"
+    )
+    memory_spare_rows: int = _f(
+        0, "concept_jepa memory layer: extra rows beyond entities and single-token patches"
+    )
 
 
 @dataclass
@@ -49,6 +127,15 @@ class ObjectiveConfig:
     distance_metric: str = _f("cosine", "JEPA distance", choices=DISTANCE_METRICS)
     infonce_temperature: float = _f(0.07, "temperature of the infonce distance")
     loss_dropout: float = _f(0.0, "probability of dropping each item's JEPA term (training only)")
+    concept_temperature: float = _f(
+        1.0, "concept_jepa: logits = prediction . candidates / temperature (1 = the paper)"
+    )
+    concept_candidates: str = _f(
+        "all",
+        "concept_jepa: in-batch candidates: all patches (the paper) or entities (entity patches, "
+        "duplicates of the label masked)",
+        choices=CONCEPT_CANDIDATES,
+    )
 
     @property
     def jepa_active(self) -> bool:
@@ -88,6 +175,11 @@ class TrainConfig:
     )
     max_bad_steps: int = _f(20, "stop after this many consecutive non-finite steps")
     device: str = _f("auto", "auto | cpu | cuda")
+    preset: str | None = _f(
+        None,
+        "named partial configuration (explicit flags override it): " + ", ".join(PRESETS),
+        choices=tuple(PRESETS),
+    )
 
     @property
     def total_steps_default(self) -> int:
@@ -194,6 +286,39 @@ class RunConfig:
             raise UserError(f"unknown --valid_split {t.valid_split!r}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"unknown --device {t.device!r}")
+        if t.preset is not None and t.preset not in PRESETS:
+            raise UserError(f"unknown --preset {t.preset!r}; choose from {', '.join(PRESETS)}")
+        self._validate_concept()
+
+    def _validate_concept(self) -> None:
+        m, o = self.model, self.objective
+        if m.family not in MODEL_FAMILIES:
+            raise UserError(f"unknown --model_family {m.family!r}")
+        _positive("num_rec_layers", m.num_rec_layers)
+        _positive("num_sem_layers", m.num_sem_layers)
+        _positive("memory_top_k", m.memory_top_k)
+        if m.memory_spare_rows < 0:
+            raise UserError(f"--memory_spare_rows must be >= 0, got {m.memory_spare_rows}")
+        if m.concept_norm not in CONCEPT_NORMS:
+            raise UserError(f"unknown --concept_norm {m.concept_norm!r}")
+        if o.concept_candidates not in CONCEPT_CANDIDATES:
+            raise UserError(f"unknown --concept_candidates {o.concept_candidates!r}")
+        if not o.concept_temperature > 0:
+            raise UserError(f"--concept_temperature must be positive, got {o.concept_temperature}")
+        if m.family != "concept_jepa":
+            return
+        if m.memory_layer and m.num_rec_layers != 1:
+            raise UserError(
+                f"--memory_layer replaces a one-block recognition module: it needs "
+                f"--num_rec_layers 1, got {m.num_rec_layers}"
+            )
+        if m.memory_value_only and not m.memory_layer:
+            raise UserError("--memory_value_only needs --memory_layer")
+        if not o.jepa_active:
+            raise UserError(
+                "--model_family concept_jepa trains only the concept loss: --no_jepa or "
+                "--lambda_jepa 0 leaves nothing to train"
+            )
 
 
 _SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig}
@@ -211,6 +336,8 @@ _BOOL_FLAGS = {
     "use_jepa": ("--use_jepa", "--no_jepa"),
     "tie_embeddings": ("--tie_embeddings", "--untie_embeddings"),
     "position_embeddings": ("--position_embeddings", "--no_position_embeddings"),
+    "memory_layer": ("--memory_layer", "--no_memory_layer"),
+    "memory_value_only": ("--memory_value_only", "--no_memory_value_only"),
 }
 
 
@@ -271,6 +398,19 @@ def given_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out.setdefault("train", {})["precision"] = "fp16"
     if getattr(args, "bf16", False):
         out.setdefault("train", {})["precision"] = "bf16"
+    return out
+
+
+def expand_preset(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The given overrides on top of the named preset's values (explicit flags win)."""
+    name = overrides.get("train", {}).get("preset")
+    if name is None:
+        return overrides
+    if name not in PRESETS:
+        raise UserError(f"unknown --preset {name!r}; choose from {', '.join(PRESETS)}")
+    out = {section: dict(values) for section, values in PRESETS[name].items()}
+    for section, values in overrides.items():
+        out.setdefault(section, {}).update(values)
     return out
 
 

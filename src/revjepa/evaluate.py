@@ -211,7 +211,38 @@ def evaluate_checkpoint(
     return results
 
 
+def format_concept_table(results: dict[str, Any]) -> str:
+    """The table of a concept_jepa result (see revjepa.concept)."""
+    splits = results["splits"]
+    batch = next(iter(splits.values()))["concept_batch_size"] if splits else 0
+    header = (
+        f"{'split':<8} {'concept loss':>13} {'concept MRR (in-batch)':>23} {'concept MRR full':>17}"
+    )
+    lines = [f"step {results['step']}  ({results['checkpoint']})", header, "-" * len(header)]
+    for name, m in splits.items():
+        lines.append(
+            f"{name:<8} {m['concept_loss']:>13.4f} {m['concept_mrr']:>23.4f} "
+            f"{m['concept_mrr_full']:>17.4f}"
+        )
+        for layer in m.get("per_layer", []):
+            lines.append(
+                f"  L{layer['layer']:<5} {'':>13} {'':>23} {layer['concept_mrr_full']:>17.4f}"
+            )
+    lines.append(
+        f"in-batch candidates: batches of {batch} items; full: all "
+        f"{next(iter(splits.values()))['num_entities'] if splits else 0} entities"
+    )
+    if "atomic" in splits and "test" in splits:
+        lines.append(
+            f"atomic (seen direction) concept MRR full {splits['atomic']['concept_mrr_full']:.4f} "
+            f"vs test (reverse) {splits['test']['concept_mrr_full']:.4f}"
+        )
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, Any]) -> str:
+    if any("concept_mrr_full" in m for m in results["splits"].values()):
+        return format_concept_table(results)
     header = (
         f"{'split':<8} {'NTP loss':>9} {'MRR avg':>8} {'MRR tok1':>9} {'MRR tok2':>9} "
         f"{'MRR joint':>10} {'joint NLL':>10} {'joint acc':>10}"

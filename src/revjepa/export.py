@@ -1,4 +1,9 @@
-"""Export a checkpoint's model as a Hugging Face `save_pretrained` directory (+ vocab)."""
+"""Export a checkpoint's model as a Hugging Face `save_pretrained` directory (+ vocab).
+
+gpt2_jepa: GPT2LMHeadModel.from_pretrained(OUT_DIR) loads it. concept_jepa: config.json (the
+architecture) + model.safetensors (recognition/semantic/memory weights and the entity table);
+`revjepa.concept.load_pretrained(OUT_DIR)` rebuilds the model.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from .evaluate import model_from_checkpoint
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
-    """config.json + model.safetensors (GPT2LMHeadModel.from_pretrained), vocab.json, revjepa.json."""
+    """config.json + model.safetensors (the family's export_pretrained), vocab.json, revjepa.json."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir}: output directory exists and is not empty")
     state = load_checkpoint(checkpoint)

@@ -295,9 +295,17 @@ def build_model(
     objective: ObjectiveConfig,
     vocab: Vocab,
     entity_len: int,
-    train_seq: torch.Tensor | None = None,  # noqa: ARG001  (families that need the data)
+    train_seq: torch.Tensor | None = None,
 ) -> nn.Module:
-    """The model of the configured family (the trainer and evaluator only use this interface)."""
+    """The model of the configured family (the trainer and evaluator only use this interface).
+
+    `train_seq` (the training sequences) gives concept_jepa its entity table; without it (a
+    model rebuilt from a checkpoint) the table comes with the weights in load_hf_state_dict.
+    """
     if model_cfg.family == "gpt2_jepa":
         return GPT2Jepa(model_cfg, objective, vocab, entity_len)
+    if model_cfg.family == "concept_jepa":
+        from .concept import ConceptJepa  # concept imports this module
+
+        return ConceptJepa(model_cfg, objective, vocab, entity_len, train_seq)
     raise UserError(f"unknown model family {model_cfg.family!r}")
