@@ -17,7 +17,14 @@ import revjepa.model as model_mod
 from revjepa.config import ModelConfig, ObjectiveConfig
 from revjepa.data import KIND_ID, GenConfig, generate, load_dataset, write_generated
 from revjepa.errors import UserError
-from revjepa.model import GPT2Jepa, build_gpt2, build_model, collapse_signal, jepa_distance
+from revjepa.model import (
+    ROW_BUCKET,
+    GPT2Jepa,
+    build_gpt2,
+    build_model,
+    collapse_signal,
+    jepa_distance,
+)
 from revjepa.train import loss_dropout_keep
 
 TRAIN, ATOMIC, TEST = KIND_ID["train"], KIND_ID["atomic"], KIND_ID["test"]
@@ -371,7 +378,9 @@ def test_no_reverse_block_for_atomic_or_test_items(comb_ds, monkeypatch):
     assert out.pred_embeddings is None
     assert seen == []
     ids, _ = spy.calls[0]
-    assert ids.shape[0] == 4  # 7 items, two per row, no JEPA rows
+    real_rows = ids[(ids != ds.vocab.pad_id).any(1)]
+    assert real_rows.shape[0] == 4  # 7 items, two per row, no JEPA rows
+    assert ids.shape[0] % ROW_BUCKET == 0  # the rest is all-<pad> filler
     assert not bool((ids == ds.vocab.pred_id).any())
 
 
@@ -537,7 +546,9 @@ def test_no_jepa_work_when_off(comb_ds, monkeypatch, objective):
     assert out.pred_embeddings is None
     assert seen == []
     ids, _ = spy.calls[0]
-    assert ids.shape == (5, 2 * seq.shape[1])  # 10 items two per row, no <PRED>, no reverse
+    assert ids.shape == (ROW_BUCKET, 2 * seq.shape[1])  # no <PRED>, no reverse block
+    real_rows = ids[(ids != ds.vocab.pad_id).any(1)]
+    assert real_rows.shape[0] == 5  # 10 items two per row
     assert not bool((ids == ds.vocab.pred_id).any())
 
 

@@ -43,7 +43,8 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from .config import ModelConfig, ObjectiveConfig
 from .data import Split, Vocab
 from .errors import UserError
-from .model import LossOutput
+from .fastpath import dropout
+from .model import LossOutput, gpt2_block
 
 HEAD, RELATION, MASK, TAIL = range(4)
 NUM_PATCHES = 4
@@ -95,17 +96,7 @@ def run_blocks(
     """GPT-2 blocks with causal attention over axis 1 (the math of `model.gpt2_hidden_states`)."""
     layers = [h] if collect_layers else []
     for block in blocks:
-        attn = block.attn
-        q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
-        shape = (h.shape[0], h.shape[1], attn.num_heads, attn.head_dim)
-        q, k, v = (x.view(shape).transpose(1, 2) for x in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=attn.attn_dropout.p if attn.training else 0.0
-        )
-        y = y.transpose(1, 2).reshape(h.shape)
-        h = h + attn.resid_dropout(attn.c_proj(y))
-        mlp = block.mlp  # F.gelu(tanh) == GPT-2's gelu_new, fused (as in model.py)
-        h = h + mlp.dropout(mlp.c_proj(F.gelu(mlp.c_fc(block.ln_2(h)), approximate="tanh")))
+        h = gpt2_block(block, h)
         if collect_layers:
             layers.append(h)
     return h, layers
@@ -296,7 +287,7 @@ class ConceptJepa(nn.Module):
             w = real.to(emb.dtype)[..., None]
             u = (emb * w).sum(1) / w.sum(1).clamp(min=1)
             return self.memory(u)
-        h, _ = run_blocks(self.rec, self.drop(self.wte(patches)))
+        h, _ = run_blocks(self.rec, dropout(self.wte(patches), self.drop.p, self.training))
         last = (real.sum(1) - 1).clamp(min=0)
         return h[torch.arange(h.shape[0], device=h.device), last]
 

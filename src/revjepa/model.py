@@ -25,8 +25,11 @@ from transformers.utils import logging as hf_logging
 from .config import ModelConfig, ObjectiveConfig
 from .data import KIND_ID, Vocab
 from .errors import UserError
+from .fastpath import cross_entropy_sum, dropout
 
 hf_logging.set_verbosity_error()
+
+ROW_BUCKET = 8  # packed rows per batch are padded to a multiple of this (see GPT2Jepa.forward)
 
 
 def build_gpt2(cfg: ModelConfig, vocab: Vocab) -> GPT2LMHeadModel:
@@ -58,6 +61,31 @@ def build_gpt2(cfg: ModelConfig, vocab: Vocab) -> GPT2LMHeadModel:
     return model
 
 
+def gpt2_block(
+    block: nn.Module, h: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One HF `GPT2Block` on h (R, T, d): causal attention when `attn_mask` is None, else the
+    given boolean mask (R or 1, 1, T, T; True = attend). Same math as HF's block, fewer ops."""
+    attn = block.attn
+    q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
+    shape = (h.shape[0], h.shape[1], attn.num_heads, attn.head_dim)
+    q, k, v = (x.view(shape).transpose(1, 2) for x in (q, k, v))
+    y = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        dropout_p=attn.attn_dropout.p if attn.training else 0.0,
+        is_causal=attn_mask is None,
+    )
+    y = y.transpose(1, 2).reshape(h.shape)
+    h = h + dropout(attn.c_proj(y), attn.resid_dropout.p, attn.training)
+    mlp = block.mlp
+    # F.gelu(tanh) is GPT-2's "gelu_new" as one fused kernel (HF's version is 8 elementwise ops)
+    a = F.gelu(mlp.c_fc(block.ln_2(h)), approximate="tanh")
+    return h + dropout(mlp.c_proj(a), mlp.dropout.p, mlp.training)
+
+
 def gpt2_hidden_states(
     lm: GPT2LMHeadModel,
     ids: torch.Tensor,
@@ -75,26 +103,11 @@ def gpt2_hidden_states(
     h = tr.wte(ids)
     if use_positions:
         h = h + tr.wpe(pos)
-    h = tr.drop(h)
+    h = dropout(h, tr.drop.p, tr.drop.training)
     layers = [h] if collect_layers else []
     attn_mask = mask[:, None]
     for block in tr.h:
-        attn = block.attn
-        q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
-        shape = (h.shape[0], h.shape[1], attn.num_heads, attn.head_dim)
-        q, k, v = (x.view(shape).transpose(1, 2) for x in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=attn.attn_dropout.p if attn.training else 0.0,
-        )
-        y = y.transpose(1, 2).reshape(h.shape)
-        h = h + attn.resid_dropout(attn.c_proj(y))
-        mlp = block.mlp
-        # F.gelu(tanh) is GPT-2's "gelu_new" as one fused kernel (HF's version is 8 elementwise ops)
-        h = h + mlp.dropout(mlp.c_proj(F.gelu(mlp.c_fc(block.ln_2(h)), approximate="tanh")))
+        h = gpt2_block(block, h, attn_mask)
         if collect_layers:
             layers.append(h)
     return h, layers
@@ -226,11 +239,17 @@ class GPT2Jepa(nn.Module):
             if idx_b.numel() < n_p:  # odd count: the last pair row's second slot is padding
                 b_seq = torch.cat([b_seq, seq.new_full((1, big_l), self.pad_id)])
             rows.append(torch.cat([seq[idx_a], b_seq, seq.new_full((n_p, k), self.pad_id)], 1))
+        # All-<pad> rows round the row count up to a multiple of ROW_BUCKET: the number of rows
+        # varies with each batch's kinds, and oneDNN (bf16 on CPU) JIT-compiles a new kernel
+        # for every new GEMM shape (~5 ms each). A handful of shapes get reused instead.
+        n_fill = -(n_j + n_p) % ROW_BUCKET
+        if n_fill:
+            rows.append(seq.new_full((n_fill, 2 * big_l + k), self.pad_id))
         ids = torch.cat(rows) if len(rows) > 1 else rows[0]
         row_type = torch.cat(
             [
                 torch.zeros(n_j, dtype=torch.long, device=dev),
-                torch.ones(n_p, dtype=torch.long, device=dev),
+                torch.ones(n_p + n_fill, dtype=torch.long, device=dev),
             ]
         )
         h, layers = gpt2_hidden_states(
@@ -262,7 +281,7 @@ class GPT2Jepa(nn.Module):
         head = self.lm.lm_head.weight
         ln_f = self.lm.transformer.ln_f
         logits = ln_f(h[rows_ix, cols]) @ head.T  # (B, E, V)
-        ntp_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        ntp_sum = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
         out = LossOutput(
             ntp_sum=ntp_sum,
             ntp_count=torch.tensor(float(b * e), device=dev),

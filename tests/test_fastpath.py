@@ -1,0 +1,157 @@
+"""The CPU fast paths (dropout masks, fused cross-entropy, row padding, malloc settings) give
+the same results as the straightforward torch ops they replace."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import revjepa.fastpath as fastpath
+import revjepa.model as model_mod
+from revjepa.config import ModelConfig, ObjectiveConfig
+from revjepa.data import KIND_ID, load_dataset
+from revjepa.fastpath import cross_entropy_sum, dropout
+from revjepa.hostmem import tune_glibc_malloc
+from revjepa.model import GPT2Jepa
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def test_dropout_keeps_the_right_share_and_scales_exactly():
+    torch.manual_seed(0)
+    n, p = 1_000_003, 0.1  # odd size: the last int64 draw is only partly used
+    x = torch.ones(n, requires_grad=True)
+    y = dropout(x, p, True)
+    keep_prob = round(0.9 * 65536) / 65536
+    kept = y != 0
+    # the kept share is binomial(n, keep_prob): 6 standard deviations is ~0.0018
+    share = kept.double().mean().item()
+    assert abs(share - keep_prob) < 6 * math.sqrt(keep_prob * (1 - keep_prob) / n)
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / keep_prob))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum y)/dx = mask * scale = y for x = 1
+    # expectation preserved: mean of y is 1 within sampling error
+    assert abs(y.detach().double().mean().item() - 1.0) < 0.002
+
+
+def test_dropout_masks_are_independent_across_positions_and_calls():
+    torch.manual_seed(1)
+    a = dropout(torch.ones(200_000), 0.5, True) != 0
+    b = dropout(torch.ones(200_000), 0.5, True) != 0
+    # neighbours (which share a 64-bit draw) and consecutive calls are uncorrelated
+    for u, v in ((a[:-1], a[1:]), (a[:-4], a[4:]), (a, b)):
+        both = (u & v).double().mean().item()
+        assert abs(both - 0.25) < 0.006
+
+
+def test_dropout_is_seeded_and_passes_through_when_off():
+    x = torch.randn(7, 13, 32)
+    torch.manual_seed(3)
+    y1 = dropout(x, 0.2, True)
+    torch.manual_seed(3)
+    y2 = dropout(x, 0.2, True)
+    assert torch.equal(y1, y2)
+    assert dropout(x, 0.2, False) is x
+    assert dropout(x, 0.0, True) is x
+    assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+    xb = x.bfloat16()
+    yb = dropout(xb, 0.2, True)
+    assert yb.dtype == torch.bfloat16
+    kept = yb != 0
+    # bf16 values scaled in float and rounded once, as F.dropout does
+    scale = 65536 / round(0.8 * 65536)
+    assert torch.equal(yb[kept], (xb.float() * scale).bfloat16()[kept])
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+def test_cross_entropy_hand_example():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], requires_grad=True)
+    loss = cross_entropy_sum(logits, torch.tensor([0, 1]))
+    # -log(1/2) - log(1/4)
+    assert loss.item() == pytest.approx(math.log(2) + math.log(4), abs=1e-6)
+    loss.backward()
+    expected = torch.tensor([[-0.5, 0.5], [0.75, -0.75]])
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_matches_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(37, 1001, generator=g) * 4).to(dtype)
+    target = torch.randint(0, 1001, (37,), generator=g)
+    a = base.clone().requires_grad_()
+    b = base.clone().requires_grad_()
+    ours = cross_entropy_sum(a, target)
+    ref = F.cross_entropy(b.float(), target, reduction="sum")
+    assert ours.dtype == torch.float32
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    (ours * 0.5).backward()
+    (ref * 0.5).backward()
+    assert a.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(a.grad.float(), b.grad.float(), atol=tol, rtol=tol)
+    assert torch.equal(a.detach(), base)  # the caller's logits are never modified
+
+
+def test_cross_entropy_refuses_a_second_backward():
+    logits = torch.randn(3, 5, requires_grad=True)
+    loss = cross_entropy_sum(logits, torch.tensor([0, 1, 2]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+# ----------------------------------------------------------------------------- the whole step
+
+
+@pytest.fixture(scope="module")
+def ds(small_dir):
+    return load_dataset(small_dir)
+
+
+def _losses_and_grads(ds, plain: bool, bucket: int, monkeypatch, dtype=None):
+    monkeypatch.setattr(fastpath, "_plain", lambda x: plain)
+    monkeypatch.setattr(model_mod, "ROW_BUCKET", bucket)
+    torch.manual_seed(0)
+    mc = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=16, dropout=0.0)
+    oc = ObjectiveConfig(k_pred_tok=2)
+    model = GPT2Jepa(mc, oc, ds.vocab, ds.entity_len).train()
+    seq, kind = ds.train.seq[:21], ds.train.kind[:21]
+    assert 0 < int((kind == KIND_ID["train"]).sum()) < 21
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        out = model(seq, kind)
+    loss = out.ntp_sum / out.ntp_count + out.jepa_sum / out.jepa_count
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.ntp_sum.item(), out.jepa_sum.item(), grads
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_optimised_step_equals_the_straightforward_one(ds, monkeypatch, dtype):
+    """Fused cross-entropy + row padding vs F.cross_entropy without padding (dropout 0)."""
+    ntp_a, jepa_a, ga = _losses_and_grads(ds, False, 8, monkeypatch, dtype)
+    ntp_b, jepa_b, gb = _losses_and_grads(ds, True, 1, monkeypatch, dtype)
+    tol = 1e-5 if dtype is None else 2e-2
+    assert ntp_a == pytest.approx(ntp_b, rel=tol)
+    assert jepa_a == pytest.approx(jepa_b, rel=tol, abs=tol)
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for name in ga:
+        scale = gb[name].abs().max().item() + 1e-12
+        assert (ga[name] - gb[name]).abs().max().item() <= tol * scale, name
+
+
+# ----------------------------------------------------------------------------- malloc
+
+
+def test_malloc_settings_apply_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert tune_glibc_malloc() is True
+    assert tune_glibc_malloc() is True  # idempotent
