@@ -416,6 +416,47 @@ def bench_matmul(
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops_per_s": _median(rates)}
 
 
+def step_gemm_shapes(
+    n_layer: int, n_embd: int, n_rows: int, row_len: int, n_scored: int, vocab: int
+) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every weight GEMM of one training step (the matmul terms of
+    `train_step_flops` without the small attention products): each forward (m, k) x (k, n)
+    plus its two backward GEMMs, (m, n) x (n, k) for the input and (k, m) x (m, n) for the
+    weight gradient."""
+    d, tokens = n_embd, n_rows * row_len
+    forward = [(tokens, d, 3 * d), (tokens, d, d), (tokens, d, 4 * d), (tokens, 4 * d, d)]
+    forward = forward * n_layer + [(n_scored, d, vocab)]
+    return [s for m, k, n in forward for s in ((m, k, n), (m, n, k), (k, m, n))]
+
+
+def bench_step_gemms(
+    shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device, repeats: int
+) -> dict[str, Any]:
+    """FLOP/s of the step's GEMMs alone, each timed on its own (median of `repeats`): the
+    ceiling that a step made only of these matmuls would reach."""
+    g = torch.Generator().manual_seed(0)
+    seconds, flops = 0.0, 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+        b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
+        a @ b  # warm-up (oneDNN builds its kernel for a new shape here)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        seconds += _median(times)
+        flops += 2.0 * m * k * n
+    return {
+        "gemms": len(shapes),
+        "flops": flops,
+        "seconds": seconds,
+        "flops_per_s": flops / seconds,
+    }
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -592,6 +633,21 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
             tr["fraction_of_matmul"] = (
                 tr["achieved_flops_per_s"] / matmul_cpu[precision]["flops_per_s"]
             )
+            size = sizes.cpu_model
+            shapes = step_gemm_shapes(
+                size.n_layer,
+                size.n_embd,
+                round(tr["rows_per_step"]),
+                tr["row_len"],
+                tr["scored_per_step"],
+                ds.vocab.size,
+            )
+            dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+            gemms = bench_step_gemms(shapes, dtype, cpu, repeats)
+            gemms["fraction_of_matmul"] = (
+                gemms["flops_per_s"] / matmul_cpu[precision]["flops_per_s"]
+            )
+            tr["step_gemms_alone"] = gemms
     if "skipped" not in train_cpu["bf16"]:
         results["bf16_speedup"] = paired_speedup(train_cpu["fp32"], train_cpu["bf16"])
 
@@ -706,6 +762,11 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
             (f"train cpu {precision} achieved", _g(tr["achieved_flops_per_s"]), "GFLOP/s"),
             (f"matmul {mm['n']} {precision}", _g(mm["flops_per_s"]), "GFLOP/s"),
             (f"train/matmul {precision}", f"{tr['fraction_of_matmul']:.3f}", "ratio"),
+            (
+                f"step GEMMs alone/matmul {precision}",
+                f"{tr['step_gemms_alone']['fraction_of_matmul']:.3f}",
+                "ratio (ceiling of train/matmul)",
+            ),
             (f"train cpu {precision} CPU share", f"{tr['cpu_share']:.2f}", "of threads x wall"),
         ]
     if "bf16_speedup" in r:

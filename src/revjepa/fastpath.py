@@ -32,7 +32,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
     r = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
     keep = r < keep_count - 32768
-    return x.mul(keep).mul_(65536.0 / keep_count)
+    # where() reads the bool mask directly (x * mask would first convert it to x's dtype)
+    return torch.where(keep, x, 0.0).mul_(65536.0 / keep_count)
 
 
 class _SoftmaxCrossEntropySum(torch.autograd.Function):
