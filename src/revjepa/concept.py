@@ -83,6 +83,11 @@ def ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 + (scores > target[:, None]).sum(1)
 
 
+def rr_sum(rank: torch.Tensor) -> torch.Tensor:
+    """Sum of reciprocal ranks, float64, on the ranks' device."""
+    return (1.0 / rank.double()).sum()
+
+
 def entity_table(train_seq: torch.Tensor, entity_len: int) -> torch.Tensor:
     """The distinct entities (heads and tails) of the training data, sorted: (N_ent, E) int64."""
     e = entity_len
@@ -398,46 +403,51 @@ class ConceptJepa(nn.Module):
         e = self.entity_len
         table = self.entity_concepts(max(batch_size, 1) * NUM_PATCHES)  # once per evaluation
         row = self.entity_index(seq[:, e + 2 :])
-        sums = {"loss": 0.0, "rr": 0.0, "rr_full": 0.0, "acc_full": 0.0}
-        layer_rr: list[float] = []
+        # running sums stay on the device: one host transfer per evaluation, not per batch
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, rr, rr_full, acc_full
+        layer_rr: torch.Tensor | None = None
         for start in range(0, seq.shape[0], batch_size):
             s = seq[start : start + batch_size]
+            rows = row[start : start + batch_size]
             patches, concepts, pred, layers = self.encode(s, collect_layers=per_layer)
             logits, labels = self.in_batch_logits(pred, patches, concepts)
-            sums["loss"] += float(F.cross_entropy(logits, labels, reduction="sum"))
             rank = ranks(logits, logits.gather(1, labels[:, None]).squeeze(1))
-            sums["rr"] += float((1.0 / rank.double()).sum())
-            full = self._full_ranks(pred, concepts[:, TAIL], row[start : start + batch_size], table)
-            sums["rr_full"] += float((1.0 / full.double()).sum())
-            sums["acc_full"] += float((full == 1).sum())
+            tail = concepts[:, TAIL]
+            full = self._full_ranks(pred, tail, rows, table)
+            sums += torch.stack(
+                [
+                    F.cross_entropy(logits, labels, reduction="sum").double(),
+                    rr_sum(rank),
+                    rr_sum(full),
+                    (full == 1).sum().double(),
+                ]
+            )
             if per_layer:
-                if not layer_rr:
-                    layer_rr = [0.0] * len(layers)
-                for i, h in enumerate(layers):
-                    r = self._full_ranks(
-                        self.normalise_pred(h[:, MASK]),
-                        concepts[:, TAIL],
-                        row[start : start + batch_size],
-                        table,
-                    )
-                    layer_rr[i] += float((1.0 / r.double()).sum())
+                rr = torch.stack(
+                    [
+                        rr_sum(self._full_ranks(self.normalise_pred(h[:, MASK]), tail, rows, table))
+                        for h in layers
+                    ]
+                )
+                layer_rr = rr if layer_rr is None else layer_rr + rr
+        loss_sum, rr_in_batch, rr_full_sum, acc_full_sum = sums.tolist()
         n = int(seq.shape[0])
-        concept_loss = sums["loss"] / n
-        mrr_full = sums["rr_full"] / n
+        concept_loss = loss_sum / n
+        mrr_full = rr_full_sum / n
         result: dict[str, Any] = {
             "loss": self.objective.lambda_jepa * concept_loss,
             "concept_loss": concept_loss,
-            "concept_mrr": sums["rr"] / n,
+            "concept_mrr": rr_in_batch / n,
             "concept_batch_size": int(batch_size),
             "concept_mrr_full": mrr_full,
-            "concept_acc_full": sums["acc_full"] / n,
+            "concept_acc_full": acc_full_sum / n,
             "mrr": mrr_full,  # alias: run-level tools (plot, sweep summary) read `mrr`
             "num_entities": int(table.shape[0]),
             "num_samples": n,
         }
-        if per_layer:
+        if per_layer and layer_rr is not None:
             result["per_layer"] = [
-                {"layer": i, "concept_mrr_full": v / n} for i, v in enumerate(layer_rr)
+                {"layer": i, "concept_mrr_full": v / n} for i, v in enumerate(layer_rr.tolist())
             ]
         return result
 

@@ -214,7 +214,7 @@ def evaluate_checkpoint(
 def format_concept_table(results: dict[str, Any]) -> str:
     """The table of a concept_jepa result (see revjepa.concept)."""
     splits = results["splits"]
-    batch = next(iter(splits.values()))["concept_batch_size"] if splits else 0
+    first = next(iter(splits.values()), {"concept_batch_size": 0, "num_entities": 0})
     header = (
         f"{'split':<8} {'concept loss':>13} {'concept MRR (in-batch)':>23} {'concept MRR full':>17}"
     )
@@ -229,8 +229,8 @@ def format_concept_table(results: dict[str, Any]) -> str:
                 f"  L{layer['layer']:<5} {'':>13} {'':>23} {layer['concept_mrr_full']:>17.4f}"
             )
     lines.append(
-        f"in-batch candidates: batches of {batch} items; full: all "
-        f"{next(iter(splits.values()))['num_entities'] if splits else 0} entities"
+        f"in-batch candidates: batches of {first['concept_batch_size']} items; full: all "
+        f"{first['num_entities']} entities"
     )
     if "atomic" in splits and "test" in splits:
         lines.append(
