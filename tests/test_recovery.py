@@ -60,18 +60,36 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
+# Exact-resume comparisons pin one CPU thread everywhere (the in-process reference and every
+# subprocess): CPU sums such as LayerNorm's backward are split by thread, so runs are
+# bit-identical only at equal thread counts, and a test must not depend on how many cores the
+# machine happens to report to each process.
+THREADS = 1
+
+
 @pytest.fixture(scope="module")
 def reference_run(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
-    assert main(["train", "--data_dir", str(data_dir), "--output_dir", str(out), *RUN]) == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        assert main(["train", "--data_dir", str(data_dir), "--output_dir", str(out), *RUN]) == 0
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
 def train_proc(
-    data_dir: Path, out: Path, *extra: str, crash: str | None = None, **kw
+    data_dir: Path,
+    out: Path,
+    *extra: str,
+    crash: str | None = None,
+    threads: int = THREADS,
+    **kw,
 ) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("REVJEPA_CRASH", None)
+    env["OMP_NUM_THREADS"] = str(threads)
     if crash:
         env["REVJEPA_CRASH"] = crash
     return subprocess.run(
@@ -128,6 +146,27 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(data_dir, reference_run, 
     differ = [k for k in ref if not torch.equal(ref[k], got[k])]
     assert not differ, (differ, killed.stdout[-2000:], resumed.stdout[-3000:])
     assert clean_metrics(out) == clean_metrics(reference_run)
+
+
+def test_resume_with_another_thread_count_is_announced(data_dir, tmp_path):
+    """CPU sums (LayerNorm's backward) are split by thread: exact resume needs the same count."""
+    out = tmp_path / "run"
+    first = train_proc(data_dir, out, "--max_steps", "6", threads=1)
+    assert first.returncode == 0, first.stderr
+    saved = torch.load(out / "checkpoints" / "checkpoint_step_6.pt", weights_only=True)
+    assert saved["cpu_threads"] == 1
+    same = tmp_path / "same"
+    shutil.copytree(out, same)
+    resumed = train_proc(data_dir, out, "--resume_from", "latest", "--max_steps", "12", threads=2)
+    assert resumed.returncode == 0, resumed.stderr
+    warning = "resuming with 2 CPU threads, the checkpoint was written with 1"
+    assert warning in resumed.stdout + resumed.stderr
+    assert "device cpu (2 threads)" in resumed.stdout + resumed.stderr
+    resolved = json.loads((out / "training_args.json").read_text())["resolved"]
+    assert resolved["cpu_threads"] == 2
+    again = train_proc(data_dir, same, "--resume_from", "latest", "--max_steps", "12", threads=1)
+    assert again.returncode == 0, again.stderr
+    assert "CPU threads" not in again.stdout + again.stderr
 
 
 def test_latest_skips_corrupted_and_truncated_checkpoints(data_dir, reference_run, tmp_path):

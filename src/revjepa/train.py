@@ -395,6 +395,7 @@ def _train(
         "global_batch_size": global_batch,
         "precision": precision,
         "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
         "parameters": n_params,
     }
     metrics_path = output_dir / "metrics.jsonl"
@@ -410,8 +411,9 @@ def _train(
                 if s > start_step
             ]
         )
+        cpu_note = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
         log.info(
-            f"device {device} | precision {precision} | world size {d.world} | "
+            f"device {device}{cpu_note} | precision {precision} | world size {d.world} | "
             f"parameters {n_params:,}"
         )
         log.info(
@@ -421,6 +423,7 @@ def _train(
         )
         if state is not None:
             log.info(f"resumed from {resume_path} at step {start_step}")
+            _warn_thread_change(state, device)
         log.info(f"output: {output_dir}")
 
     seq_all = train_split.seq.to(device)
@@ -672,7 +675,20 @@ def _state(
         "vocab": dataset.vocab.token_to_id,
         "entity_len": dataset.entity_len,
         "world_size": world_size,
+        "cpu_threads": torch.get_num_threads(),
     }
+
+
+def _warn_thread_change(state: dict[str, Any], device: torch.device) -> None:
+    """CPU kernels (LayerNorm's backward among them) split their sums by thread, so a resume
+    continues bit-identically only with the thread count the checkpoint was written with."""
+    saved, now = state.get("cpu_threads"), torch.get_num_threads()
+    if device.type == "cpu" and saved is not None and int(saved) != now:
+        log.warning(
+            f"resuming with {now} CPU threads, the checkpoint was written with {saved}: training "
+            f"continues correctly, but not bit-identically to an uninterrupted run "
+            f"(set OMP_NUM_THREADS={saved} for that)"
+        )
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:
