@@ -13,7 +13,7 @@ import revjepa.fastpath as fastpath
 import revjepa.model as model_mod
 from revjepa.config import ModelConfig, ObjectiveConfig
 from revjepa.data import KIND_ID, load_dataset
-from revjepa.fastpath import cross_entropy_sum, dropout
+from revjepa.fastpath import cross_entropy_sum, dropout, residual_dropout
 from revjepa.hostmem import tune_glibc_malloc
 from revjepa.model import GPT2Jepa
 
@@ -64,6 +64,31 @@ def test_dropout_is_seeded_and_passes_through_when_off():
     # bf16 values scaled in float and rounded once, as F.dropout does
     scale = 65536 / round(0.8 * 65536)
     assert torch.equal(yb[kept], (xb.float() * scale).bfloat16()[kept])
+
+
+def test_residual_dropout_is_h_plus_dropout_bit_for_bit_with_the_same_gradients():
+    shape = (9, 13, 32)
+    g = torch.randn(shape)
+    runs = []
+    for fused in (True, False):
+        h = torch.randn(shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        y = torch.randn(shape, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        torch.manual_seed(4)
+        out = residual_dropout(h, y, 0.3, True) if fused else h + dropout(y, 0.3, True)
+        out.backward(g)
+        runs.append((out.detach(), h.grad, y.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    out, h_grad, y_grad = runs[0]
+    assert torch.equal(h_grad, g)
+    scale = 65536 / round(0.7 * 65536)
+    dropped = y_grad == 0
+    assert 0.25 < dropped.double().mean().item() < 0.35
+    assert torch.allclose(y_grad[~dropped], g[~dropped] * scale, rtol=1e-6, atol=0)
+    h, y = torch.randn(shape), torch.randn(shape)
+    assert torch.equal(residual_dropout(h, y, 0.3, False), h + y)
+    assert torch.equal(residual_dropout(h, y, 0.0, True), h + y)
+    assert torch.equal(residual_dropout(h, y, 1.0, True), h)
 
 
 # ----------------------------------------------------------------------------- cross-entropy

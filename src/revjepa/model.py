@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from .config import ModelConfig, ObjectiveConfig
 from .data import KIND_ID, Vocab
 from .errors import UserError
-from .fastpath import cross_entropy_sum, dropout
+from .fastpath import cross_entropy_sum, dropout, residual_dropout
 
 hf_logging.set_verbosity_error()
 
@@ -79,11 +79,11 @@ def gpt2_block(
         is_causal=attn_mask is None,
     )
     y = y.transpose(1, 2).reshape(h.shape)
-    h = h + dropout(attn.c_proj(y), attn.resid_dropout.p, attn.training)
+    h = residual_dropout(h, attn.c_proj(y), attn.resid_dropout.p, attn.training)
     mlp = block.mlp
     # F.gelu(tanh) is GPT-2's "gelu_new" as one fused kernel (HF's version is 8 elementwise ops)
     a = F.gelu(mlp.c_fc(block.ln_2(h)), approximate="tanh")
-    return h + dropout(mlp.c_proj(a), mlp.dropout.p, mlp.training)
+    return residual_dropout(h, mlp.c_proj(a), mlp.dropout.p, mlp.training)
 
 
 def gpt2_hidden_states(
