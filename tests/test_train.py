@@ -382,3 +382,41 @@ def test_resume_with_conflicting_flags_is_refused(data_dir, tmp_path):
     assert rc == 2
     after = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
     assert before == after
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["gpt2_jepa", "concept_jepa"])
+def test_cuda_training_step_never_waits_for_the_device(small_dir, family):
+    """The trainer's batch layout (sequences on the GPU, kinds on the host) and one training
+    step, loss dropout included, with CUDA's sync debug mode raising on any host sync."""
+    from revjepa.config import ModelConfig, ObjectiveConfig
+    from revjepa.data import load_dataset
+    from revjepa.model import build_model
+    from revjepa.train import loss_dropout_keep, param_groups, train_step
+
+    dev = torch.device("cuda")
+    ds = load_dataset(small_dir)
+    mc = ModelConfig(family=family, n_layer=1, n_embd=64, n_head=2, dropout=0.1)
+    oc = ObjectiveConfig(loss_dropout=0.2)
+    model = build_model(mc, oc, ds.vocab, ds.entity_len, train_seq=ds.train.seq).to(dev)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    seq_all = ds.train.seq.to(dev)
+
+    def step(i: int):
+        idx = torch.arange(i * 64, (i + 1) * 64)
+        keep = loss_dropout_keep(0, i, 64, 0.2).to(dev, non_blocking=True)
+        seq, kind = seq_all[idx.to(dev, non_blocking=True)], ds.train.kind[idx]
+        return train_step(
+            model, opt, scaler, params, seq, kind, keep, 1e-3, oc, "bf16", dev, 1, 1.0
+        )
+
+    step(0)  # lazy CUDA initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert math.isfinite(float(res.loss)) and not bool(res.bad)

@@ -248,9 +248,8 @@ class TrainBench:
         self.vocab_size, self.entity_len = vocab.size, entity_len
         self.seq_len = int(seq_all.shape[1])
         self.kind_cpu = kind_all.cpu()
-        self.seq_dev, self.kind_dev = seq_all.to(device), kind_all.to(device)
+        self.seq_dev = seq_all.to(device)
         self.perm_cpu: dict[int, torch.Tensor] = {}
-        self.perm_dev: dict[int, torch.Tensor] = {}
         self.step = 0
         self.warmup_steps, self.warmup_seconds = 0, 0.0
         self.seconds: list[float] = []
@@ -261,20 +260,18 @@ class TrainBench:
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self.perm_cpu:
             self.perm_cpu[epoch] = epoch_permutation(self.tc.seed, epoch, self.n)
-            self.perm_dev[epoch] = self.perm_cpu[epoch].to(self.device)
-        return self.perm_dev[epoch]
+        return self.perm_cpu[epoch]
 
     def _shape(self, step: int) -> tuple[int, int, int]:
         epoch, pos = divmod(step, self.spe)
-        self._perm(epoch)
-        idx = self.perm_cpu[epoch][pos * self.batch : (pos + 1) * self.batch]
+        idx = self._perm(epoch)[pos * self.batch : (pos + 1) * self.batch]
         oc = self.oc
         return batch_shape(
             self.kind_cpu[idx], self.seq_len, self.entity_len, oc.jepa_active, oc.k_pred_tok
         )
 
     def _run(self, step: int) -> None:
-        # the trainer's batch: a tensor index into the data on the device
+        # the trainer's batch: sequences indexed on the device, kinds on the host
         epoch, pos = divmod(step, self.spe)
         idx = self._perm(epoch)[pos * self.batch : (pos + 1) * self.batch]
         self.res = train_step(
@@ -282,8 +279,8 @@ class TrainBench:
             self.optimizer,
             self.scaler,
             self.params,
-            self.seq_dev[idx],
-            self.kind_dev[idx],
+            self.seq_dev[idx.to(self.device, non_blocking=True)],
+            self.kind_cpu[idx],
             None,
             self.tc.learning_rate,
             self.oc,

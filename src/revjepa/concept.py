@@ -350,7 +350,7 @@ class ConceptJepa(nn.Module):
         loss = F.cross_entropy(logits, labels, reduction="none")
         zero = loss.new_zeros(())
         if jepa_keep is None:
-            total, count = loss.sum(), loss.new_tensor(float(loss.shape[0]))
+            total, count = loss.sum(), loss.new_full((), float(loss.shape[0]))
         else:
             keep = jepa_keep.to(loss.dtype)
             total, count = (loss * keep).sum(), keep.sum()

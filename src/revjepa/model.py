@@ -215,7 +215,12 @@ class GPT2Jepa(nn.Module):
         with_logits: bool = False,
         per_layer: bool = False,
     ) -> LossOutput:
-        """Losses of one batch. `jepa_keep` (B,) bool is the loss-dropout draw (None = keep all)."""
+        """Losses of one batch. `jepa_keep` (B,) bool is the loss-dropout draw (None = keep all).
+
+        `kind` may stay on the CPU while `seq` is on a GPU (the trainer does that): the packing
+        plan (which items go to which row) has data-dependent sizes, and computing it from a
+        host tensor saves a device-to-host synchronisation per step.
+        """
         b, big_l = seq.shape
         e, k = self.entity_len, self.k
         dev = seq.device
@@ -226,7 +231,10 @@ class GPT2Jepa(nn.Module):
         idx_o = torch.nonzero(~is_jepa).flatten()
         n_j, n_o = idx_j.numel(), idx_o.numel()
         n_p = (n_o + 1) // 2
-        idx_a, idx_b = idx_o[0::2], idx_o[1::2]
+        # non_blocking: a host-to-device copy that does not wait for the queued GPU work
+        idx_j, idx_a, idx_b = (
+            x.to(dev, non_blocking=True) for x in (idx_j, idx_o[0::2], idx_o[1::2])
+        )
 
         rows = []
         if n_j:
@@ -284,7 +292,7 @@ class GPT2Jepa(nn.Module):
         ntp_sum = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
         out = LossOutput(
             ntp_sum=ntp_sum,
-            ntp_count=torch.tensor(float(b * e), device=dev),
+            ntp_count=torch.full((), float(b * e), device=dev),  # a fill, not a blocking copy
             jepa_sum=h.new_zeros((), dtype=torch.float32),
             jepa_count=torch.zeros((), device=dev),
         )

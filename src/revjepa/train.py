@@ -427,7 +427,9 @@ def _train(
         log.info(f"output: {output_dir}")
 
     seq_all = train_split.seq.to(device)
-    kind_all = train_split.kind.to(device)
+    # kinds and the permutation stay on the host: the model plans each batch's packing from
+    # them there, so a GPU step never waits for a device-to-host copy (see GPT2Jepa.forward)
+    kind_all = train_split.kind
     valid_split = dataset.valid[tc.valid_split]
     params = [p for p in model.parameters() if p.requires_grad]
     bad_run = 0
@@ -453,18 +455,20 @@ def _train(
 
     step = start_step
     while step < max_steps:
-        # ---- batch: a tensor index into the data on the device
+        # ---- batch: a tensor index into the data (sequences on the device, kinds on the host)
         epoch, pos = divmod(step, spe)
         if epoch != epoch_cached:
-            perm = epoch_permutation(tc.seed, epoch, len(train_split)).to(device)
+            perm = epoch_permutation(tc.seed, epoch, len(train_split))
             epoch_cached = epoch
         global_idx = perm[pos * global_batch : (pos + 1) * global_batch]
         local_idx = global_idx[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size]
-        seq, kind = seq_all[local_idx], kind_all[local_idx]
+        seq = seq_all[local_idx.to(device, non_blocking=True)]
+        kind = kind_all[local_idx]
         keep = None
         if oc.loss_dropout > 0:
             keep = loss_dropout_keep(tc.seed, step, global_batch, oc.loss_dropout)
-            keep = keep[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size].to(device)
+            keep = keep[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size]
+            keep = keep.to(device, non_blocking=True)
 
         lr = tc.learning_rate * lr_multiplier(step, tc.warmup_steps, max_steps, tc.scheduler)
         res = train_step(
