@@ -151,7 +151,7 @@ class ConceptJepa(nn.Module):
         if entity_len < 1:
             raise UserError(f"concept_jepa needs entities of at least one token, got {entity_len}")
         self.model_cfg, self.objective = model_cfg, objective
-        self.entity_len, self.width = entity_len, entity_len
+        self.entity_len = entity_len
         self.vocab_size = vocab.size
         self.pad_id, self.mask_id = vocab.pad_id, vocab.mask_id
         d = model_cfg.n_embd
