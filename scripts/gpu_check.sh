@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU checks of a lent CUDA machine, in one call, most important first: CUDA-only tests,
+# `revjepa bench`, the seed's training command with torch.compile + resume + evaluation, a step
+# profile, and a concept-JEPA run. Each stage has its own time limit inside an overall deadline,
+# so one stuck stage cannot take the rest. Usage (repository root, no install needed):
+#   OUT=/some/dir DEADLINE_S=500 bash scripts/gpu_check.sh
+# Writes log.txt, bench.json, profile.json, profile_eager.txt, eval_A.json and runs.tgz to $OUT.
+# STEPS, GEN_EXTRA, TRAIN_EXTRA and STAGES shrink it for a CPU smoke run of the script itself.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+DEADLINE_S=${DEADLINE_S:-500}
+STEPS=${STEPS:-1000}
+GEN_EXTRA=${GEN_EXTRA:-}
+TRAIN_EXTRA=${TRAIN_EXTRA:-}
+STAGES=${STAGES:-env cuda_tests bench e2e profile concept}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export OUT STEPS GEN_EXTRA TRAIN_EXTRA PY
+T0=$(date +%s)
+LOG="$OUT/log.txt"
+: >"$LOG"
+SUMMARY=()
+
+stage() { # stage NAME LIMIT_S CMD...
+    local name=$1 limit=$2
+    shift 2
+    [[ " $STAGES " == *" $name "* ]] || return 0
+    local left=$((DEADLINE_S - ($(date +%s) - T0)))
+    ((left < limit)) && limit=$left
+    if ((limit < 10)); then
+        SUMMARY+=("$name: not run (deadline)")
+        return
+    fi
+    echo "=== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
+    local s rc
+    s=$(date +%s)
+    timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    SUMMARY+=("$name: rc $rc, $(($(date +%s) - s)) s")
+    echo "=== $name rc=$rc $(($(date +%s) - s))s" | tee -a "$LOG"
+}
+
+env_info() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    "$PY" -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__,
+transformers.__version__, torch.cuda.get_device_name(), torch.cuda.is_bf16_supported())'
+    nproc
+}
+
+e2e() {
+    set -e
+    local d=/tmp/gc_data
+    rm -rf "$d" /tmp/gc_A /tmp/gc_B /tmp/gc_C
+    # shellcheck disable=SC2086  # the *_EXTRA variables are word lists
+    "$PY" -m revjepa gen-data --output_dir "$d" $GEN_EXTRA
+    local half=$((STEPS / 2))
+    # shellcheck disable=SC2206
+    local common=(--data_dir "$d" --bf16 --eval_steps "$half" --save_step_dense "$STEPS"
+        --save_step_dense_interval "$half" --log_interval $((STEPS / 4)) $TRAIN_EXTRA)
+    "$PY" train_jepa.py "${common[@]}" --output_dir /tmp/gc_A --max_steps "$STEPS"
+    "$PY" train_jepa.py "${common[@]}" --output_dir /tmp/gc_B --max_steps "$half"
+    "$PY" train_jepa.py "${common[@]}" --output_dir /tmp/gc_B --max_steps "$STEPS" \
+        --resume_from latest
+    "$PY" - <<'EOF'
+import json, os, torch
+last = f"checkpoints/checkpoint_step_{os.environ['STEPS']}.pt"
+a = torch.load(f"/tmp/gc_A/{last}", weights_only=False)
+b = torch.load(f"/tmp/gc_B/{last}", weights_only=False)
+diff = max((a["model_state_dict"][k].float() - b["model_state_dict"][k].float()).abs().max().item()
+           for k in a["model_state_dict"])
+scale = max(v.float().abs().max().item() for v in a["model_state_dict"].values())
+ma = [json.loads(x) for x in open("/tmp/gc_A/metrics.jsonl")]
+mb = [json.loads(x) for x in open("/tmp/gc_B/metrics.jsonl")]
+print("RESUME uninterrupted vs resumed halfway: max |dw| =", diff, "max |w| =", scale)
+print("RESUME last records A:", ma[-1]); print("RESUME last records B:", mb[-1])
+EOF
+    "$PY" evaluate_all_splits.py --checkpoint "/tmp/gc_A/checkpoints/checkpoint_step_$STEPS.pt" \
+        --data_dir "$d" --batch_size 32 --output "$OUT/eval_A.json"
+}
+
+concept() {
+    set -e
+    # shellcheck disable=SC2086
+    "$PY" -m revjepa train --preset ws_jepa_1_1 --data_dir /tmp/gc_data --output_dir /tmp/gc_C \
+        --max_steps "$STEPS" --eval_steps "$STEPS" --log_interval $((STEPS / 4)) --bf16 $TRAIN_EXTRA
+}
+export -f env_info e2e concept
+
+stage env 30 bash -c env_info
+stage cuda_tests 120 "$PY" -m pytest -p no:cacheprovider -q tests/test_train.py -k cuda -rs
+stage bench 200 "$PY" -m revjepa bench --output "$OUT/bench.json"
+stage e2e 180 bash -c e2e
+stage profile 120 "$PY" scripts/gpu_step_profile.py "$OUT" eager compiled reduce-overhead
+stage concept 90 bash -c concept
+
+tar -czf "$OUT/runs.tgz" --exclude='*.pt' -C /tmp gc_A gc_B gc_C 2>/dev/null
+echo "=== summary ($(($(date +%s) - T0)) s)"
+printf '%s\n' "${SUMMARY[@]}"
+grep -E "^(gpu |train cpu (fp32|bf16) steps/s |bf16 speed|RESUME|eager |compiled |reduce-overhead )|passed|failed|steps/s|it/s\]" "$LOG" | tail -40
