@@ -20,6 +20,7 @@ import torch
 
 from revjepa.bench import FULL, QUICK, TrainBench, _sync
 from revjepa.data import GenConfig, generate, load_dataset, write_generated
+from revjepa.train import compile_model
 
 
 def _time_steps(b: TrainBench, steps: int, repeats: int) -> dict[str, float]:
@@ -55,9 +56,11 @@ def main(out_dir: Path, variants: list[str]) -> None:
     results: dict[str, dict] = {}
     for variant in variants:
         compiled = variant != "eager"
-        b = TrainBench(seq, kind, vocab, entity_len, size, "bf16", dev, 20, compile_model=False)
+        b = TrainBench(seq, kind, vocab, entity_len, size, "bf16", dev, 20)
         if compiled:
             mode = None if variant == "compiled" else variant
+            # compile_model's settings, with the mode of this variant
+            compile_model(b.model)
             b.run_model = torch.compile(b.model, dynamic=True, mode=mode)
         t0 = time.perf_counter()
         b.warm(15)

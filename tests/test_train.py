@@ -384,6 +384,67 @@ def test_resume_with_conflicting_flags_is_refused(data_dir, tmp_path):
     assert before == after
 
 
+# ----------------------------------------------------------------------------- torch.compile
+
+
+class _Compiled(torch.nn.Module):
+    """Stands in for torch.compile's wrapper: forwards to the model, or fails like a compiler
+    that cannot handle the graph (compilation is lazy: the failure comes at the first call)."""
+
+    def __init__(self, model: torch.nn.Module, fail: bool) -> None:
+        super().__init__()
+        self.model, self.fail, self.calls = model, fail, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        if self.fail:
+            raise AssertionError("inductor: get_pw_red_splits\n(internal stack)")
+        return self.model(*args)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_compile_probe_leaves_no_trace_and_falls_back_to_eager(
+    data_dir, tmp_path, monkeypatch, capsys, fail
+):
+    """--compile on: the probe step (one forward + backward of the compiled model on the first
+    batch) restores the RNG and drops its gradients, so a run whose compiled model computes the
+    eager function ends bit-identical to --compile off (dropout 0.1 would notice a consumed RNG
+    draw, AdamW a leftover gradient); a compiler failure becomes one warning and an eager run."""
+    import revjepa.train as train_mod
+
+    made: list[_Compiled] = []
+
+    def fake_compile(model):
+        made.append(_Compiled(model, fail))
+        return made[-1]
+
+    monkeypatch.setattr(train_mod, "compile_model", fake_compile)
+    # no clipping: clipped gradients would hide a leftover probe gradient (2g clips like g)
+    common = ("--max_steps", "12", "--max_grad_norm", "0")
+    assert run_train(data_dir, tmp_path / "off", *common, "--compile", "off") == 0
+    assert not made
+    capsys.readouterr()
+    assert run_train(data_dir, tmp_path / "on", *common, "--compile", "on") == 0
+    assert len(made) == 1
+    assert made[0].calls == (1 if fail else 13)  # the probe, then every step when it works
+    printed = capsys.readouterr()
+    lines = (printed.out + printed.err).splitlines()
+    warned = [line.split(" ", 2)[2] for line in lines if "torch.compile failed" in line]
+    if fail:
+        assert warned == [
+            "torch.compile failed (AssertionError: inductor: get_pw_red_splits): running eagerly"
+        ]
+    else:
+        assert not warned
+    a = weights(tmp_path / "off" / "checkpoints" / "checkpoint_step_12.pt")
+    b = weights(tmp_path / "on" / "checkpoints" / "checkpoint_step_12.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics_without_timing(tmp_path / "off" / "metrics.jsonl") == metrics_without_timing(
+        tmp_path / "on" / "metrics.jsonl"
+    )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["gpt2_jepa", "concept_jepa"])
 def test_cuda_training_step_never_waits_for_the_device(small_dir, family):

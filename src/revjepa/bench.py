@@ -42,6 +42,7 @@ from .evaluate import evaluate_split
 from .model import build_model
 from .train import (
     _cpu_has_bf16,
+    compile_model,
     epoch_permutation,
     param_groups,
     resolve_precision,
@@ -222,12 +223,12 @@ class TrainBench:
         precision: str,
         device: torch.device,
         steps: int,
-        compile_model: bool = False,
+        compiled: bool = False,
     ) -> None:
         cfg = model_config(size)
         self.tc, self.oc = cfg.train, cfg.objective
         self.size, self.precision, self.device = size, precision, device
-        self.steps, self.compiled = steps, compile_model
+        self.steps, self.compiled = steps, compiled
         torch.manual_seed(self.tc.seed)
         self.model = build_model(cfg.model, self.oc, vocab, entity_len).to(device)
         self.model.train()
@@ -241,8 +242,8 @@ class TrainBench:
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.run_model: torch.nn.Module = self.model
-        if compile_model:
-            self.run_model = torch.compile(self.model, dynamic=True)
+        if compiled:
+            self.run_model = compile_model(self.model)
         self.n, self.batch = int(seq_all.shape[0]), self.tc.batch_size
         self.spe = steps_per_epoch(self.n, self.batch, "bench data")
         self.vocab_size, self.entity_len = vocab.size, entity_len
@@ -680,7 +681,8 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
             except Exception as exc:  # compile support varies by platform
                 if not compiled:
                     raise
-                gpu_results[variant] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
+                first = (str(exc).strip().splitlines() or [""])[0]
+                gpu_results[variant] = {"skipped": f"{type(exc).__name__}: {first}"[:300]}
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         gpu_results["matmul"] = bench_matmul(sizes.gpu_matmul_n, dtype, gpu, repeats, 10)
         for variant in ("eager", "compiled"):

@@ -380,11 +380,6 @@ def _train(
         run_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda"):
-        try:
-            run_model = torch.compile(run_model, dynamic=True)
-        except Exception as exc:  # compile support varies by platform
-            log.warning(f"torch.compile unavailable ({type(exc).__name__}): running eagerly")
 
     n_params = sum(p.numel() for p in model.parameters())
     resolved = config.to_dict()
@@ -431,6 +426,34 @@ def _train(
     # them there, so a GPU step never waits for a device-to-host copy (see GPT2Jepa.forward)
     kind_all = train_split.kind
     valid_split = dataset.valid[tc.valid_split]
+    perms: dict[int, torch.Tensor] = {}
+
+    def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This rank's (sequences, kinds, loss-dropout keep) of a step: a tensor index."""
+        epoch, pos = divmod(step, spe)
+        if epoch not in perms:
+            perms.clear()
+            perms[epoch] = epoch_permutation(tc.seed, epoch, len(train_split))
+        global_idx = perms[epoch][pos * global_batch : (pos + 1) * global_batch]
+        local_idx = global_idx[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size]
+        keep = None
+        if oc.loss_dropout > 0:
+            keep = loss_dropout_keep(tc.seed, step, global_batch, oc.loss_dropout)
+            keep = keep[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size]
+            keep = keep.to(device, non_blocking=True)
+        return seq_all[local_idx.to(device, non_blocking=True)], kind_all[local_idx], keep
+
+    if tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda"):
+        run_model = compiled_or_eager(
+            compile_model(run_model),
+            run_model,
+            batch_at(start_step),
+            oc,
+            precision,
+            device,
+            d.world,
+            log.warning,
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     bad_run = 0
     # Sums of the current log window (this rank's share of the global ntp, jepa means); saved in
@@ -450,26 +473,12 @@ def _train(
         return out
 
     t_last, step_last = time.perf_counter(), start_step
-    epoch_cached, perm = -1, None
     progress = _progress(d.main, start_step, max_steps)
 
     step = start_step
     while step < max_steps:
         # ---- batch: a tensor index into the data (sequences on the device, kinds on the host)
-        epoch, pos = divmod(step, spe)
-        if epoch != epoch_cached:
-            perm = epoch_permutation(tc.seed, epoch, len(train_split))
-            epoch_cached = epoch
-        global_idx = perm[pos * global_batch : (pos + 1) * global_batch]
-        local_idx = global_idx[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size]
-        seq = seq_all[local_idx.to(device, non_blocking=True)]
-        kind = kind_all[local_idx]
-        keep = None
-        if oc.loss_dropout > 0:
-            keep = loss_dropout_keep(tc.seed, step, global_batch, oc.loss_dropout)
-            keep = keep[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size]
-            keep = keep.to(device, non_blocking=True)
-
+        seq, kind, keep = batch_at(step)
         lr = tc.learning_rate * lr_multiplier(step, tc.warmup_steps, max_steps, tc.scheduler)
         res = train_step(
             run_model,
@@ -592,6 +601,67 @@ def _train(
     return output_dir
 
 
+def forward_losses(run_model, seq, kind, keep, oc, precision: str, device, world: int):
+    """The forward half of a step: (model output, total loss, NTP mean, JEPA mean), the means
+    normalised by the GLOBAL counts so that gradients are equal whatever the world size."""
+    with autocast(device, precision):
+        out = run_model(seq, kind, keep)
+    counts = torch.stack([out.ntp_count, out.jepa_count]).float()
+    if world > 1:
+        dist.all_reduce(counts)
+    ntp = out.ntp_sum / counts[0].clamp(min=1)
+    jepa = out.jepa_sum / counts[1].clamp(min=1)
+    loss = oc.gamma_ntp * ntp + (oc.lambda_jepa * jepa if oc.jepa_active else 0.0)
+    return out, loss, ntp, jepa
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile` with dynamic shapes: the packed row count and the number of JEPA items
+    change from batch to batch, and static shapes would recompile for each new count."""
+    # Inductor's coalescing tile analysis (Triton backend) fails on this model's dynamic shapes
+    # (torch 2.11 on an H200: AssertionError in tiling_utils.get_pw_red_splits); inductor's own
+    # notes say the analysis does not apply to dynamic shapes yet, so turn it off.
+    import torch._inductor.config as inductor_config
+
+    inductor_config.triton.coalesce_tiling_analysis = False
+    return torch.compile(model, dynamic=True)
+
+
+def compiled_or_eager(
+    compiled: torch.nn.Module,
+    eager: torch.nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    oc,
+    precision: str,
+    device: torch.device,
+    world: int,
+    warn,
+) -> torch.nn.Module:
+    """Compilation is lazy, so a platform where it fails only says so at the first step: run one
+    forward + backward of `compiled` on `batch` and return it if that works, else warn and
+    return `eager`. Leaves no trace: the RNG states are restored and the gradients dropped, so
+    the run continues exactly as it would have without the probe."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    try:
+        _, loss, _, _ = forward_losses(compiled, *batch, oc, precision, device, world)
+        loss.backward()
+        chosen = compiled
+        log.info(f"torch.compile: the first step compiled in {time.perf_counter() - t0:.0f} s")
+    except Exception as exc:  # any failure here means: do not use the compiled model
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        warn(f"torch.compile failed ({type(exc).__name__}: {first}): running eagerly")
+        chosen = eager
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+        for p in eager.parameters():
+            p.grad = None
+    return chosen
+
+
 @dataclass
 class StepResult:
     out: Any  # the model's LossOutput
@@ -621,15 +691,7 @@ def train_step(
     """One optimizer update; no host synchronisation (the trainer and `revjepa bench` share it)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast(device, precision):
-        out = run_model(seq, kind, keep)
-    # losses normalised by GLOBAL counts: equal gradients whatever the world size
-    counts = torch.stack([out.ntp_count, out.jepa_count]).float()
-    if world > 1:
-        dist.all_reduce(counts)
-    ntp = out.ntp_sum / counts[0].clamp(min=1)
-    jepa = out.jepa_sum / counts[1].clamp(min=1)
-    loss = oc.gamma_ntp * ntp + (oc.lambda_jepa * jepa if oc.jepa_active else 0.0)
+    out, loss, ntp, jepa = forward_losses(run_model, seq, kind, keep, oc, precision, device, world)
     scaler.scale(loss * world).backward()  # DDP averages gradients over ranks
     if crash_requested("step", step_index):
         crash()
