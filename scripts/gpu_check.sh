@@ -4,7 +4,7 @@
 # profile, and a concept-JEPA run. Each stage has its own time limit inside an overall deadline,
 # so one stuck stage cannot take the rest. Usage (repository root, no install needed):
 #   OUT=/some/dir DEADLINE_S=500 bash scripts/gpu_check.sh
-# Writes log.txt, bench.json, profile.json, profile_eager.txt, eval_A.json and runs.tgz to $OUT.
+# Writes log.txt, bench.json, profile.json, profile_*.txt, eval_A.json and runs.tgz to $OUT.
 # STEPS, GEN_EXTRA, TRAIN_EXTRA and STAGES shrink it for a CPU smoke run of the script itself.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
@@ -12,7 +12,8 @@ DEADLINE_S=${DEADLINE_S:-500}
 STEPS=${STEPS:-1000}
 GEN_EXTRA=${GEN_EXTRA:-}
 TRAIN_EXTRA=${TRAIN_EXTRA:-}
-STAGES=${STAGES:-env cuda_tests bench e2e profile concept}
+STAGES=${STAGES:-env cuda_tests e2e profile bench concept}
+PROFILE_VARIANTS=${PROFILE_VARIANTS:-compiled eager-nocudnn compiled-nocudnn reduce-overhead}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -89,12 +90,13 @@ export -f env_info e2e concept
 
 stage env 30 bash -c env_info
 stage cuda_tests 120 "$PY" -m pytest -p no:cacheprovider -q tests/test_train.py -k cuda -rs
+stage e2e 200 bash -c e2e
+# shellcheck disable=SC2086
+stage profile 180 "$PY" scripts/gpu_step_profile.py "$OUT" $PROFILE_VARIANTS
 stage bench 200 "$PY" -m revjepa bench --output "$OUT/bench.json"
-stage e2e 180 bash -c e2e
-stage profile 120 "$PY" scripts/gpu_step_profile.py "$OUT" eager compiled reduce-overhead
 stage concept 90 bash -c concept
 
 tar -czf "$OUT/runs.tgz" --exclude='*.pt' -C /tmp gc_A gc_B gc_C 2>/dev/null
 echo "=== summary ($(($(date +%s) - T0)) s)"
 printf '%s\n' "${SUMMARY[@]}"
-grep -E "^(gpu |train cpu (fp32|bf16) steps/s |bf16 speed|RESUME|eager |compiled |reduce-overhead )|passed|failed|steps/s|it/s\]" "$LOG" | tail -40
+grep -E "^(gpu |train cpu (fp32|bf16) steps/s |bf16 speed|RESUME|(eager|compiled|reduce-overhead)[- ])|passed|failed|torch.compile|ms/step|steps_per_s [0-9]|test mrr" "$LOG" | tail -60

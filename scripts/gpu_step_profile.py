@@ -1,10 +1,12 @@
 """Where the time of one GPU training step goes, at the seed's configuration (bf16).
 
-Run on a CUDA machine: `PYTHONPATH=src python3 scripts/gpu_step_profile.py OUT_DIR`. For each
-variant (eager; torch.compile default; torch.compile "reduce-overhead", i.e. CUDA graphs) it
-prints the median step time, and for eager also the host time to issue a step (no sync: if it
-is close to the step time, the step is launch-bound) and the profiler's top kernels. Writes
-`profile.json` and `profile_eager.txt` under OUT_DIR. A diagnostic for BENCHMARKS.md, not a test.
+Run on a CUDA machine: `PYTHONPATH=src python3 scripts/gpu_step_profile.py OUT_DIR [VARIANT...]`.
+A variant is `eager`, `compiled` (the trainer's `compile_model`) or `reduce-overhead`
+(torch.compile with CUDA graphs), optionally with `-nocudnn` (cuDNN's attention kernels off, so
+SDPA picks another backend for the block mask). For each it prints the median step time and the
+host time to issue a step without waiting (close to the step time = launch-bound), and for the
+first variant the profiler's top operators. Writes `profile.json` and `profile_<variant>.txt`
+under OUT_DIR. A diagnostic for BENCHMARKS.md, not a test; without CUDA it smoke-runs tiny.
 """
 
 from __future__ import annotations
@@ -44,6 +46,43 @@ def _time_steps(b: TrainBench, steps: int, repeats: int) -> dict[str, float]:
     }
 
 
+def _profile(b: TrainBench, dev: torch.device, path: Path) -> float:
+    """Profiler table of 5 steps to `path`; returns device kernels per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            b._run(b.step)
+            b.step += 1
+        _sync(b.device)
+    table = prof.key_averages().table(sort_by=f"{dev.type}_time_total", row_limit=30)
+    path.write_text(table)
+    print(table[:5000], flush=True)
+    return len([e for e in prof.events() if e.device_type.name == "CUDA"]) / 5
+
+
+def run_variant(variant, seq, kind, vocab, entity_len, size, dev, out_dir, first) -> dict:
+    base = variant.removesuffix("-nocudnn")
+    if dev.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(not variant.endswith("-nocudnn"))
+    b = TrainBench(seq, kind, vocab, entity_len, size, "bf16", dev, 20)
+    if base == "compiled":
+        b.run_model = compile_model(b.model)
+    elif base == "reduce-overhead":
+        compile_model(b.model)  # its inductor settings
+        b.run_model = torch.compile(b.model, dynamic=True, mode="reduce-overhead")
+    elif base != "eager":
+        raise ValueError(f"unknown variant {variant}")
+    t0 = time.perf_counter()
+    b.warm(15)
+    res = _time_steps(b, 20, 5)
+    res["warmup_s_15_steps"] = time.perf_counter() - t0
+    if first:
+        res["kernels_per_step"] = _profile(b, dev, out_dir / f"profile_{variant}.txt")
+    return res
+
+
 def main(out_dir: Path, variants: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,47 +93,26 @@ def main(out_dir: Path, variants: list[str]) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = FULL.gpu_model if dev.type == "cuda" else QUICK.gpu_model
     results: dict[str, dict] = {}
-    for variant in variants:
-        compiled = variant != "eager"
-        b = TrainBench(seq, kind, vocab, entity_len, size, "bf16", dev, 20)
-        if compiled:
-            mode = None if variant == "compiled" else variant
-            # compile_model's settings, with the mode of this variant
-            compile_model(b.model)
-            b.run_model = torch.compile(b.model, dynamic=True, mode=mode)
-        t0 = time.perf_counter()
-        b.warm(15)
-        warm_s = time.perf_counter() - t0
-        res = _time_steps(b, 20, 5)
-        res["warmup_s_15_steps"] = warm_s
+    for i, variant in enumerate(variants):
+        try:
+            res = run_variant(variant, seq, kind, vocab, entity_len, size, dev, out_dir, i == 0)
+        except Exception as exc:  # a failing variant must not hide the others' figures
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            res = {"failed": f"{type(exc).__name__}: {first}"}
         results[variant] = res
         print(variant, json.dumps(res), flush=True)
-        if variant == "eager":
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(
-                activities=[ProfilerActivity.CPU]
-                + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            ) as prof:
-                for _ in range(5):
-                    b._run(b.step)
-                    b.step += 1
-                _sync(b.device)
-            table = prof.key_averages().table(sort_by=f"{dev.type}_time_total", row_limit=30)
-            (out_dir / "profile_eager.txt").write_text(table)
-            events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-            results[variant]["cuda_kernels_per_step"] = len(events) / 5
-            print(table[:6000], flush=True)
-        del b
-        torch.cuda.empty_cache()
-    (out_dir / "profile.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out_dir / "profile.json").write_text(json.dumps(results, indent=2) + "\n")
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     for name, r in results.items():
-        print(
-            f"{name:18s} {r['ms_per_step']:7.2f} ms/step {r['steps_per_s']:7.1f} steps/s "
-            f"host issue {r['host_issue_ms_per_step']:6.2f} ms"
-        )
+        if "failed" in r:
+            print(f"{name:24s} FAILED {r['failed']}")
+        else:
+            print(
+                f"{name:24s} {r['ms_per_step']:7.2f} ms/step {r['steps_per_s']:7.1f} steps/s "
+                f"host issue {r['host_issue_ms_per_step']:6.2f} ms"
+            )
 
 
 if __name__ == "__main__":
-    wanted = sys.argv[2:] or ["eager", "compiled", "reduce-overhead"]
-    main(Path(sys.argv[1]), wanted)
+    main(Path(sys.argv[1]), sys.argv[2:] or ["eager", "compiled", "reduce-overhead"])
