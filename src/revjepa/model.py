@@ -230,36 +230,30 @@ class GPT2Jepa(nn.Module):
         idx_j = torch.nonzero(is_jepa).flatten()
         idx_o = torch.nonzero(~is_jepa).flatten()
         n_j, n_o = idx_j.numel(), idx_o.numel()
-        n_p = (n_o + 1) // 2
+        # pair rows hold items a (even positions of idx_o) and b (odd); with an odd count the
+        # last pair row's second slot stays <pad>
+        n_a, n_b = (n_o + 1) // 2, n_o // 2
+        # All-<pad> rows round the row count up to a multiple of ROW_BUCKET: the number of rows
+        # varies with each batch's kinds, and oneDNN (bf16 on CPU) JIT-compiles a new kernel
+        # for every new GEMM shape (~5 ms each). A handful of shapes get reused instead.
+        n_rows = -(-(n_j + n_a) // ROW_BUCKET) * ROW_BUCKET
         # non_blocking: a host-to-device copy that does not wait for the queued GPU work
         idx_j, idx_a, idx_b = (
             x.to(dev, non_blocking=True) for x in (idx_j, idx_o[0::2], idx_o[1::2])
         )
-
-        rows = []
+        # Written into one <pad>-filled tensor by slices, without a branch on the counts: under
+        # torch.compile every Python branch on a count is a guard, and each new combination of
+        # guards (odd/even pair count, filler rows or none) was a recompilation.
+        # (`if n_j` stays: it is constant in training, and no reverse is built without JEPA)
+        ids = seq.new_full((n_rows, 2 * big_l + k), self.pad_id)
         if n_j:
             fwd = seq[idx_j]
-            rows.append(
-                torch.cat([fwd, fwd.new_full((n_j, k), self.pred_id), self.reverse(fwd)], 1)
-            )
-        if n_p:
-            b_seq = seq[idx_b]
-            if idx_b.numel() < n_p:  # odd count: the last pair row's second slot is padding
-                b_seq = torch.cat([b_seq, seq.new_full((1, big_l), self.pad_id)])
-            rows.append(torch.cat([seq[idx_a], b_seq, seq.new_full((n_p, k), self.pad_id)], 1))
-        # All-<pad> rows round the row count up to a multiple of ROW_BUCKET: the number of rows
-        # varies with each batch's kinds, and oneDNN (bf16 on CPU) JIT-compiles a new kernel
-        # for every new GEMM shape (~5 ms each). A handful of shapes get reused instead.
-        n_fill = -(n_j + n_p) % ROW_BUCKET
-        if n_fill:
-            rows.append(seq.new_full((n_fill, 2 * big_l + k), self.pad_id))
-        ids = torch.cat(rows) if len(rows) > 1 else rows[0]
-        row_type = torch.cat(
-            [
-                torch.zeros(n_j, dtype=torch.long, device=dev),
-                torch.ones(n_p + n_fill, dtype=torch.long, device=dev),
-            ]
-        )
+            ids[:n_j, :big_l] = fwd
+            ids[:n_j, big_l : big_l + k] = self.pred_id
+            ids[:n_j, big_l + k :] = self.reverse(fwd)
+        ids[n_j : n_j + n_a, :big_l] = seq[idx_a]
+        ids[n_j : n_j + n_b, big_l : 2 * big_l] = seq[idx_b]
+        row_type = (torch.arange(n_rows, device=dev) >= n_j).long()
         h, layers = gpt2_hidden_states(
             self.lm,
             ids,
@@ -273,14 +267,14 @@ class GPT2Jepa(nn.Module):
         item_order = torch.cat([idx_j, idx_a, idx_b])
         item_row = torch.cat(
             [
-                torch.arange(n_j + n_p, device=dev)[: n_j + idx_a.numel()],
-                torch.arange(n_j, n_j + idx_b.numel(), device=dev),
+                torch.arange(n_j + n_a, device=dev),
+                torch.arange(n_j, n_j + n_b, device=dev),
             ]
         )
         item_off = torch.cat(
             [
-                torch.zeros(n_j + idx_a.numel(), dtype=torch.long, device=dev),
-                torch.full((idx_b.numel(),), big_l, device=dev),
+                torch.zeros(n_j + n_a, dtype=torch.long, device=dev),
+                torch.full((n_b,), big_l, device=dev),
             ]
         )
         cols = item_off[:, None] + torch.arange(e + 1, 2 * e + 1, device=dev)
