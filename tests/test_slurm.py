@@ -16,7 +16,7 @@ import pytest
 from revjepa.data import GenConfig, generate, write_generated
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train_jepa_osc.sh", "test_jepa_osc.sh", "run", ".ci/run"]
+SCRIPTS = ["train_jepa_osc.sh", "test_jepa_osc.sh", "run", ".ci/run", "scripts/gpu_check.sh"]
 TINY = "--n_layer 1 --n_embd 32 --n_head 2 --batch_size 16 --device cpu --eval_steps 5"
 
 
