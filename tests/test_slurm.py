@@ -118,3 +118,34 @@ def test_quick_test_script_trains_and_evaluates(slurm_env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["splits"]) == {"train", "atomic", "test"}
+
+
+def test_gpu_check_script_smoke_runs_on_cpu(tmp_path):
+    """scripts/gpu_check.sh is what a GPU session runs in its few minutes: its training, resume,
+    evaluation and profiler stages must work before they get there (tiny sizes, CPU)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        WORK=str(work),
+        STAGES="e2e profile",
+        STEPS="8",
+        PROFILE_VARIANTS="eager",
+        GEN_EXTRA="--num_ga_entities 400 --test_size 50",
+        TRAIN_EXTRA="--n_layer 1 --n_embd 32 --n_head 2 --batch_size 32 --device cpu",
+        PY=sys.executable,
+        DEADLINE_S="600",
+    )
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    log = (out / "log.txt").read_text()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "=== e2e rc=0" in log and "=== profile rc=0" in log, log[-3000:]
+    # one thread (conftest): the resumed run must match the uninterrupted one exactly
+    assert "RESUME uninterrupted vs resumed halfway: max |dw| = 0.0 " in log
+    results = json.loads((out / "eval_A.json").read_text())
+    assert results["step"] == 8 and list(results["splits"]) == ["train", "atomic", "test"]
+    assert all(0 < split["mrr"] <= 1 for split in results["splits"].values())
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["eager"]["ms_per_step"] > 0 and "failed" not in profile["eager"]
