@@ -22,6 +22,7 @@ import torch
 
 from revjepa.bench import FULL, QUICK, TrainBench, _sync
 from revjepa.data import GenConfig, generate, load_dataset, write_generated
+from revjepa.errors import one_line
 from revjepa.train import compile_model
 
 
@@ -97,8 +98,7 @@ def main(out_dir: Path, variants: list[str]) -> None:
         try:
             res = run_variant(variant, seq, kind, vocab, entity_len, size, dev, out_dir, i == 0)
         except Exception as exc:  # a failing variant must not hide the others' figures
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            res = {"failed": f"{type(exc).__name__}: {first}"}
+            res = {"failed": one_line(exc)}
         results[variant] = res
         print(variant, json.dumps(res), flush=True)
         (out_dir / "profile.json").write_text(json.dumps(results, indent=2) + "\n")

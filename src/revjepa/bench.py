@@ -37,7 +37,7 @@ import torch
 
 from .config import RunConfig
 from .data import KIND_ID, GenConfig, Split, generate, load_dataset, write_generated
-from .errors import UserError
+from .errors import UserError, one_line
 from .evaluate import evaluate_split
 from .model import build_model
 from .train import (
@@ -681,8 +681,7 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
             except Exception as exc:  # compile support varies by platform
                 if not compiled:
                     raise
-                first = (str(exc).strip().splitlines() or [""])[0]
-                gpu_results[variant] = {"skipped": f"{type(exc).__name__}: {first}"[:300]}
+                gpu_results[variant] = {"skipped": one_line(exc, 300)}
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         gpu_results["matmul"] = bench_matmul(sizes.gpu_matmul_n, dtype, gpu, repeats, 10)
         for variant in ("eager", "compiled"):

@@ -32,7 +32,7 @@ from .checkpoint import (
 )
 from .config import RESUMABLE_OVERRIDES, RunConfig
 from .data import Dataset, load_dataset
-from .errors import UserError
+from .errors import UserError, one_line
 from .evaluate import append_jsonl, evaluate_split, read_jsonl
 from .faults import crash, crash_requested
 from .model import build_model, collapse_signal
@@ -650,8 +650,7 @@ def compiled_or_eager(
         chosen = compiled
         log.info(f"torch.compile: the first step compiled in {time.perf_counter() - t0:.0f} s")
     except Exception as exc:  # any failure here means: do not use the compiled model
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        warn(f"torch.compile failed ({type(exc).__name__}: {first}): running eagerly")
+        warn(f"torch.compile failed ({one_line(exc)}): running eagerly")
         chosen = eager
     finally:
         torch.set_rng_state(cpu_rng)
