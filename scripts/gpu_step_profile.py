@@ -1,8 +1,8 @@
 """Where the time of one GPU training step goes, at the seed's configuration (bf16).
 
 Run on a CUDA machine: `PYTHONPATH=src python3 scripts/gpu_step_profile.py OUT_DIR [VARIANT...]`.
-A variant is `eager`, `compiled` (the trainer's `compile_model`) or `reduce-overhead`
-(torch.compile with CUDA graphs), optionally with `-nocudnn` (cuDNN's attention kernels off, so
+A variant is `eager`, `compiled` (the trainer's `compile_model` without CUDA graphs) or `graphs`
+(with CUDA graphs, what the trainer uses on one GPU), optionally with `-nocudnn` (cuDNN's attention kernels off, so
 SDPA picks another backend for the block mask). For each it prints the median step time and the
 host time to issue a step without waiting (close to the step time = launch-bound), and for the
 first variant the profiler's top operators. Writes `profile.json` and `profile_<variant>.txt`
@@ -23,7 +23,6 @@ import torch
 from revjepa.bench import FULL, QUICK, TrainBench, _sync
 from revjepa.data import GenConfig, generate, load_dataset, write_generated
 from revjepa.errors import one_line
-from revjepa.train import compile_model
 
 
 def _time_steps(b: TrainBench, steps: int, repeats: int) -> dict[str, float]:
@@ -67,18 +66,15 @@ def run_variant(variant, seq, kind, vocab, entity_len, size, dev, out_dir, first
     base = variant.removesuffix("-nocudnn")
     if dev.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(not variant.endswith("-nocudnn"))
-    b = TrainBench(seq, kind, vocab, entity_len, size, "bf16", dev, 20)
-    if base == "compiled":
-        b.run_model = compile_model(b.model)
-    elif base == "reduce-overhead":
-        compile_model(b.model)  # its inductor settings
-        b.run_model = torch.compile(b.model, dynamic=True, mode="reduce-overhead")
-    elif base != "eager":
-        raise ValueError(f"unknown variant {variant}")
+    b = TrainBench(seq, kind, vocab, entity_len, size, "bf16", dev, 20, base)
     t0 = time.perf_counter()
     b.warm(15)
     res = _time_steps(b, 20, 5)
     res["warmup_s_15_steps"] = time.perf_counter() - t0
+    from torch._dynamo.utils import counters
+
+    # cudagraph_skips > 0: inductor found the graph unsafe to capture and ran it without
+    res["inductor_counters"] = {k: v for k, v in counters["inductor"].items() if "graph" in k}
     if first:
         res["kernels_per_step"] = _profile(b, dev, out_dir / f"profile_{variant}.txt")
     return res
@@ -115,4 +111,4 @@ def main(out_dir: Path, variants: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:] or ["eager", "compiled", "reduce-overhead"])
+    main(Path(sys.argv[1]), sys.argv[2:] or ["eager", "compiled", "graphs"])

@@ -178,18 +178,6 @@ class Spy:
         monkeypatch.setattr(model_mod, "gpt2_hidden_states", spy)
 
 
-def record_reverse(monkeypatch) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    real = GPT2Jepa.reverse
-
-    def wrapped(self, seq):
-        seen.append(seq.clone())
-        return real(self, seq)
-
-    monkeypatch.setattr(GPT2Jepa, "reverse", wrapped)
-    return seen
-
-
 # ----------------------------------------------------------------------------- 1. one pass == two
 
 
@@ -209,9 +197,10 @@ def test_one_pass_equals_separate_hf_passes(comb_ds, k, positions, monkeypatch):
         pred_sep, target_sep = separate_pred_target(model, fwd, k, ds.vocab, e)
 
         # pred: the last <PRED> token (last forward token when k = 0), in batch order
-        assert out.pred_embeddings is not None
-        assert out.pred_embeddings.shape == (n_j, 32)
-        torch.testing.assert_close(out.pred_embeddings, pred_sep, atol=1e-5, rtol=0)
+        pred = out.jepa_embeddings()
+        assert pred is not None
+        assert pred.shape == (n_j, 32)
+        torch.testing.assert_close(pred, pred_sep, atol=1e-5, rtol=0)
 
         # target: read from the packed pass directly (last token of the reverse block)
         assert len(spy.calls) == 1
@@ -367,7 +356,6 @@ def test_reverse_is_an_involution_and_maps_train_facts_to_train_facts(request, d
 def test_no_reverse_block_for_atomic_or_test_items(comb_ds, monkeypatch):
     ds = comb_ds
     model = make_model(ds, k=2)
-    seen = record_reverse(monkeypatch)
     spy = Spy(monkeypatch)
     seq = torch.cat([ds.valid["atomic"].seq[:4], ds.valid["test"].seq[:3]])
     kind = torch.tensor([ATOMIC] * 4 + [TEST] * 3)
@@ -375,8 +363,7 @@ def test_no_reverse_block_for_atomic_or_test_items(comb_ds, monkeypatch):
         out = model(seq, kind)
     assert out.jepa_count.item() == 0
     assert out.jepa_sum.item() == 0.0
-    assert out.pred_embeddings is None
-    assert seen == []
+    assert out.jepa_embeddings().shape[0] == 0
     ids, _ = spy.calls[0]
     real_rows = ids[(ids != ds.vocab.pad_id).any(1)]
     assert real_rows.shape[0] == 4  # 7 items, two per row, no JEPA rows
@@ -384,28 +371,35 @@ def test_no_reverse_block_for_atomic_or_test_items(comb_ds, monkeypatch):
     assert not bool((ids == ds.vocab.pred_id).any())
 
 
-def test_reverse_only_receives_train_items(comb_ds, monkeypatch):
-    ds = comb_ds
+def test_only_train_items_get_a_reverse_block(comb_ds, monkeypatch):
+    ds, e = comb_ds, comb_ds.entity_len
     model = make_model(ds, k=1)
-    seen = record_reverse(monkeypatch)
+    spy = Spy(monkeypatch)
+    big_l = ds.valid["train"].seq.shape[1]
+
+    def jepa_rows(seq, kind):
+        spy.calls.clear()
+        with torch.no_grad():
+            out = model(seq, kind)
+        ids, _ = spy.calls[0]
+        rows = ids[ids[:, big_l] == ds.vocab.pred_id]  # a <PRED> after the first block
+        return out, rows
+
     train_facts = {tuple(r) for r in ds.valid["train"].seq.tolist()}
     for seed, comp in enumerate([(5, 3, 2), (1, 6, 6), (7, 0, 1), (3, 3, 0)]):
         seq, kind = mixed_batch(ds, *comp, seed=seed)
-        seen.clear()
-        with torch.no_grad():
-            out = model(seq, kind)
-        assert len(seen) == 1
-        assert torch.equal(seen[0], seq[kind == TRAIN])
-        assert all(tuple(r) in train_facts for r in seen[0].tolist())
+        out, rows = jepa_rows(seq, kind)
+        train = seq[kind == TRAIN]
+        assert torch.equal(rows[:, :big_l], train)
+        assert torch.equal(rows[:, big_l + 1 :], hand_reverse(train, ds.vocab, e))
+        assert all(tuple(r) in train_facts for r in rows[:, :big_l].tolist())
         assert out.jepa_count.item() == comp[0]
     # items of kind atomic/test are never reversed even when their tokens are train-like
     seq, kind = mixed_batch(ds, 5, 3, 2)
     fake = kind.clone()
     fake[kind == TRAIN] = ATOMIC
-    seen.clear()
-    with torch.no_grad():
-        out = model(seq, fake)
-    assert seen == [] and out.jepa_count.item() == 0
+    out, rows = jepa_rows(seq, fake)
+    assert rows.shape[0] == 0 and out.jepa_count.item() == 0 and out.jepa_sum.item() == 0.0
 
 
 # ----------------------------------------------------------------------------- 4. distances
@@ -487,6 +481,56 @@ def test_jepa_keep_masks_items(comb_ds):
     assert out.ntp_sum.item() == pytest.approx(full.ntp_sum.item(), abs=1e-6)
 
 
+def _losses_grads_logits(model, seq, kind, keep, fixed: bool):
+    model.zero_grad(set_to_none=True)
+    out = model.losses(*model.prepare(seq, kind, keep, fixed_shapes=fixed), with_logits=True)
+    loss = out.ntp_sum / out.ntp_count + out.jepa_sum / out.jepa_count.clamp(min=1)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("use_jepa", [True, False], ids=["jepa", "nojepa"])
+@pytest.mark.parametrize("metric", ["cosine", "infonce"])
+@pytest.mark.parametrize(
+    "composition", [(12, 10, 10), (0, 16, 15), (20, 0, 0)], ids=["mix", "none", "all"]
+)
+def test_fixed_shapes_give_the_same_losses_gradients_and_logits(
+    comb_ds, use_jepa, metric, composition
+):
+    """The fixed-shape packing of compiled/CUDA-graph steps (every batch of B items gets the
+    rows its worst case would need; the extra rows are all-<pad>) computes what the tight
+    packing computes, loss dropout included."""
+    ds = comb_ds
+    model = make_model(ds, k=2, metric=metric, temperature=0.5, use_jepa=use_jepa)
+    seq = torch.cat([ds.valid[s].seq[:n] for s, n in zip(("train", "atomic", "test"), composition)])
+    kind = torch.tensor(
+        [TRAIN] * composition[0] + [ATOMIC] * composition[1] + [TEST] * composition[2]
+    )
+    perm = torch.randperm(len(seq), generator=torch.Generator().manual_seed(3))
+    seq, kind = seq[perm], kind[perm]
+    keep = torch.rand(len(seq), generator=torch.Generator().manual_seed(4)) < 0.7
+    b = len(seq)
+    tight = model.prepare(seq, kind, keep)[1]
+    fixed = model.prepare(seq, kind, keep, fixed_shapes=True)[1]
+    worst = b if use_jepa else (b + 1) // 2
+    assert (fixed.numel() - 2 * b) // 3 == -(-worst // ROW_BUCKET) * ROW_BUCKET
+    assert tight.numel() < fixed.numel() or not use_jepa or composition[0] == b
+    a, ga = _losses_grads_logits(model, seq, kind, keep, fixed=False)
+    f, gf = _losses_grads_logits(model, seq, kind, keep, fixed=True)
+    n_j = int((kind == TRAIN).sum()) if use_jepa else 0
+    assert a.ntp_sum.item() == pytest.approx(f.ntp_sum.item(), rel=1e-5)
+    kept = int((keep & (kind == TRAIN)).sum()) if use_jepa else 0
+    assert a.jepa_count.item() == f.jepa_count.item() == kept
+    assert a.jepa_sum.item() == pytest.approx(f.jepa_sum.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(a.logits, f.logits, atol=1e-5, rtol=1e-5)
+    if use_jepa:
+        assert a.jepa_embeddings().shape == f.jepa_embeddings().shape == (n_j, 32)
+    assert ga.keys() == gf.keys() and len(ga) > 10
+    for name in ga:
+        torch.testing.assert_close(ga[name], gf[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_loss_dropout_keep_rate_and_determinism():
     n, p = 20_000, 0.3
     keep = loss_dropout_keep(42, 7, n, p)
@@ -537,14 +581,12 @@ def test_no_jepa_work_when_off(comb_ds, monkeypatch, objective):
     ds = comb_ds
     model = make_model(ds, k=3, **objective)
     assert model.k == 0 and not model.jepa
-    seen = record_reverse(monkeypatch)
     spy = Spy(monkeypatch)
     seq, kind = mixed_batch(ds)
     with torch.no_grad():
         out = model(seq, kind)
     assert out.jepa_count.item() == 0 and out.jepa_sum.item() == 0.0
     assert out.pred_embeddings is None
-    assert seen == []
     ids, _ = spy.calls[0]
     assert ids.shape == (ROW_BUCKET, 2 * seq.shape[1])  # no <PRED>, no reverse block
     real_rows = ids[(ids != ds.vocab.pad_id).any(1)]

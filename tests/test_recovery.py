@@ -449,6 +449,22 @@ BAD_INPUTS = [
         "not found",
     ),
     (
+        "train cuda graphs without cuda",
+        [
+            "train",
+            "--data_dir",
+            "{w}/data",
+            "--output_dir",
+            "{w}/o_cg",
+            "--cuda_graphs",
+            "on",
+            "--device",
+            "cpu",
+            *T,
+        ],
+        "--cuda_graphs on needs",
+    ),
+    (
         "train missing vocab",
         ["train", "--data_dir", "{w}/no_vocab", "--output_dir", "{w}/o2", *T],
         "vocab.json",

@@ -14,7 +14,7 @@ import torch
 
 from revjepa.checkpoint import load_checkpoint, save_checkpoint
 from revjepa.cli import main
-from revjepa.data import GenConfig, generate, write_generated
+from revjepa.data import KIND_ID, GenConfig, generate, write_generated
 from revjepa.errors import UserError
 from revjepa.schedule import checkpoint_steps, lr_multiplier, should_save
 
@@ -414,7 +414,8 @@ def test_compile_probe_leaves_no_trace_and_falls_back_to_eager(
 
     made: list[_Compiled] = []
 
-    def fake_compile(model):
+    def fake_compile(model, cuda_graphs):
+        assert cuda_graphs is False  # CPU
         made.append(_Compiled(model, fail))
         return made[-1]
 
@@ -443,6 +444,51 @@ def test_compile_probe_leaves_no_trace_and_falls_back_to_eager(
     assert metrics_without_timing(tmp_path / "off" / "metrics.jsonl") == metrics_without_timing(
         tmp_path / "on" / "metrics.jsonl"
     )
+
+
+def test_real_compile_of_the_losses_matches_eager_and_compiles_once(small_dir):
+    """The real torch.compile path (CPU inductor here; on CUDA the same graph gets CUDA graphs):
+    batches with different kind mixes give the eager losses and gradients, and the fixed-shape
+    packing means one graph, never a recompilation."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from revjepa.config import ModelConfig, ObjectiveConfig
+    from revjepa.data import load_dataset
+    from revjepa.model import build_model
+    from revjepa.train import compile_model, forward_losses
+
+    ds = load_dataset(small_dir)
+    torch.manual_seed(0)
+    oc = ObjectiveConfig(k_pred_tok=1, loss_dropout=0.3)
+    mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, dropout=0.0)
+    model = build_model(mc, oc, ds.vocab, ds.entity_len).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = compile_model(model, cuda_graphs=False)
+    cpu = torch.device("cpu")
+
+    def loss_and_grads(run_model, seq, kind, keep):
+        _, loss, ntp, jepa = forward_losses(run_model, seq, kind, keep, oc, "fp32", cpu, 1)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return torch.stack([loss, ntp, jepa]).detach(), grads
+
+    n_jepa = []
+    for i in range(3):
+        idx = torch.randperm(len(ds.train.seq), generator=torch.Generator().manual_seed(i))[:48]
+        seq, kind = ds.train.seq[idx], ds.train.kind[idx]
+        keep = torch.rand(48, generator=torch.Generator().manual_seed(10 + i)) < 0.7
+        n_jepa.append(int((kind == KIND_ID["train"]).sum()))
+        eager, ge = loss_and_grads(model, seq, kind, keep)
+        comp, gc = loss_and_grads(compiled, seq, kind, keep)
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+        assert ge.keys() == gc.keys() and len(ge) > 5
+        for name in ge:
+            torch.testing.assert_close(gc[name], ge[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert len(set(n_jepa)) > 1  # the batches really had different packings
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -39,7 +39,7 @@ from .config import RunConfig
 from .data import KIND_ID, GenConfig, Split, generate, load_dataset, write_generated
 from .errors import UserError, one_line
 from .evaluate import evaluate_split
-from .model import build_model
+from .model import build_model, to_device
 from .train import (
     _cpu_has_bf16,
     compile_model,
@@ -52,6 +52,9 @@ from .train import (
 
 # ----------------------------------------------------------------------------- sizes
 
+# How a training step runs: eager; torch.compile (the device half of the family, static
+# shapes); torch.compile + CUDA graphs (what the trainer uses on one GPU).
+STEP_VARIANTS = ("eager", "compiled", "graphs")
 BUSY_CPU_SHARE = 0.9  # below this CPU share of the timed training the table warns
 
 
@@ -223,12 +226,12 @@ class TrainBench:
         precision: str,
         device: torch.device,
         steps: int,
-        compiled: bool = False,
+        variant: str = "eager",
     ) -> None:
         cfg = model_config(size)
         self.tc, self.oc = cfg.train, cfg.objective
         self.size, self.precision, self.device = size, precision, device
-        self.steps, self.compiled = steps, compiled
+        self.steps, self.variant = steps, variant
         torch.manual_seed(self.tc.seed)
         self.model = build_model(cfg.model, self.oc, vocab, entity_len).to(device)
         self.model.train()
@@ -242,8 +245,10 @@ class TrainBench:
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.run_model: torch.nn.Module = self.model
-        if compiled:
-            self.run_model = compile_model(self.model)
+        if variant not in STEP_VARIANTS:
+            raise ValueError(f"unknown step variant {variant!r}")
+        if variant != "eager":
+            self.run_model = compile_model(self.model, cuda_graphs=variant == "graphs")
         self.n, self.batch = int(seq_all.shape[0]), self.tc.batch_size
         self.spe = steps_per_epoch(self.n, self.batch, "bench data")
         self.vocab_size, self.entity_len = vocab.size, entity_len
@@ -280,7 +285,7 @@ class TrainBench:
             self.optimizer,
             self.scaler,
             self.params,
-            self.seq_dev[idx.to(self.device, non_blocking=True)],
+            self.seq_dev[to_device(idx, self.device)],
             self.kind_cpu[idx],
             None,
             self.tc.learning_rate,
@@ -337,7 +342,7 @@ class TrainBench:
         return {
             "precision": self.precision,
             "device": str(self.device),
-            "compiled": self.compiled,
+            "variant": self.variant,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "batch_size": self.batch,
             "rows_per_step": sum(r for r, _, _ in self.shapes) / n,
@@ -366,15 +371,15 @@ def bench_train(
     kind_all: torch.Tensor,
     vocab,
     entity_len: int,
-    runs: list[tuple[ModelSize, str, torch.device, bool]],
+    runs: list[tuple[ModelSize, str, torch.device, str]],
     repeats: int,
     warmup: int,
     steps: int,
 ) -> list[dict[str, Any]]:
-    """Time `train_step` for each (size, precision, device, compiled); repeats interleaved."""
+    """Time `train_step` for each (size, precision, device, variant); repeats interleaved."""
     benches = [
-        TrainBench(seq_all, kind_all, vocab, entity_len, size, prec, dev, steps, compiled)
-        for size, prec, dev, compiled in runs
+        TrainBench(seq_all, kind_all, vocab, entity_len, size, prec, dev, steps, variant)
+        for size, prec, dev, variant in runs
     ]
     for b in benches:
         b.warm(warmup)
@@ -605,7 +610,7 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         ds.train.kind,
         ds.vocab,
         ds.entity_len,
-        [(sizes.cpu_model, p, cpu, False) for p in wanted],
+        [(sizes.cpu_model, p, cpu, "eager") for p in wanted],
         repeats,
         sizes.warmup_steps,
         sizes.steps_per_repeat,
@@ -665,7 +670,7 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         gpu = torch.device("cuda", torch.cuda.current_device())
         gpu_results: dict[str, Any] = {"device_name": torch.cuda.get_device_name(gpu)}
         precision = resolve_precision("bf16", gpu, lambda _m: None)
-        for variant, compiled in (("eager", False), ("compiled", True)):
+        for variant in STEP_VARIANTS:
             _log(f"bench: training steps, gpu {precision} {variant}")
             try:
                 (gpu_results[variant],) = bench_train(
@@ -673,18 +678,18 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
                     ds.train.kind,
                     ds.vocab,
                     ds.entity_len,
-                    [(sizes.gpu_model, precision, gpu, compiled)],
+                    [(sizes.gpu_model, precision, gpu, variant)],
                     repeats,
                     sizes.gpu_warmup_steps,
                     sizes.gpu_steps_per_repeat,
                 )
             except Exception as exc:  # compile support varies by platform
-                if not compiled:
+                if variant == "eager":
                     raise
                 gpu_results[variant] = {"skipped": one_line(exc, 300)}
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         gpu_results["matmul"] = bench_matmul(sizes.gpu_matmul_n, dtype, gpu, repeats, 10)
-        for variant in ("eager", "compiled"):
+        for variant in STEP_VARIANTS:
             tr = gpu_results[variant]
             if "skipped" not in tr:
                 tr["fraction_of_matmul"] = (
@@ -776,7 +781,7 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     if "skipped" in g:
         rows.append(("gpu", "skipped", g["skipped"]))
     else:
-        for variant in ("eager", "compiled"):
+        for variant in STEP_VARIANTS:
             tr = g[variant]
             if "skipped" in tr:
                 rows.append((f"gpu {variant}", "skipped", tr["skipped"][:60]))

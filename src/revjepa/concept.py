@@ -44,7 +44,7 @@ from .config import ModelConfig, ObjectiveConfig
 from .data import Split, Vocab
 from .errors import UserError
 from .fastpath import dropout
-from .model import LossOutput, gpt2_block
+from .model import LossFamily, LossOutput, gpt2_block
 
 HEAD, RELATION, MASK, TAIL = range(4)
 NUM_PATCHES = 4
@@ -128,7 +128,7 @@ class MemoryLayer(nn.Module):
 # ----------------------------------------------------------------------------- the family
 
 
-class ConceptJepa(nn.Module):
+class ConceptJepa(LossFamily):
     """Model family `concept_jepa`: batch (seq, kind) -> concept contrastive loss sums."""
 
     family = "concept_jepa"
@@ -332,10 +332,19 @@ class ConceptJepa(nn.Module):
         logits = concept_logits(pred, cand, self.objective.concept_temperature, exclude)
         return logits, labels
 
-    def forward(
+    def prepare(
         self,
         seq: torch.Tensor,
-        kind: torch.Tensor,
+        kind: torch.Tensor,  # every kind is trained: nothing to plan
+        jepa_keep: torch.Tensor | None = None,
+        fixed_shapes: bool = False,  # the shapes are always fixed
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The arguments of `losses` (the host half of the family interface)."""
+        return seq, jepa_keep
+
+    def losses(
+        self,
+        seq: torch.Tensor,
         jepa_keep: torch.Tensor | None = None,
         with_logits: bool = False,
         per_layer: bool = False,

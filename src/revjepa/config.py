@@ -173,6 +173,12 @@ class TrainConfig:
     compile: str = _f(
         "auto", "torch.compile: auto (on for CUDA), on, off", choices=("auto", "on", "off")
     )
+    cuda_graphs: str = _f(
+        "auto",
+        "CUDA graphs for the compiled step (torch.compile mode reduce-overhead): auto (on when "
+        "compiling for one CUDA device, off under DDP), on, off",
+        choices=("auto", "on", "off"),
+    )
     max_bad_steps: int = _f(20, "stop after this many consecutive non-finite steps")
     device: str = _f("auto", "auto | cpu | cuda")
     preset: str | None = _f(
@@ -198,6 +204,7 @@ RESUMABLE_OVERRIDES = {
     "eval_batch_size",
     "num_workers",
     "compile",
+    "cuda_graphs",
     "device",
     "max_bad_steps",
     "output_dir",

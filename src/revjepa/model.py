@@ -29,7 +29,15 @@ from .fastpath import cross_entropy_sum, dropout, residual_dropout
 
 hf_logging.set_verbosity_error()
 
-ROW_BUCKET = 8  # packed rows per batch are padded to a multiple of this (see GPT2Jepa.forward)
+ROW_BUCKET = 8  # packed rows per batch are padded to a multiple of this (see row_count)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-to-device copy that does not wait for the GPU's queued work: from pinned memory
+    (a copy from pageable memory may synchronise the stream first)."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def build_gpt2(cfg: ModelConfig, vocab: Vocab) -> GPT2LMHeadModel:
@@ -121,15 +129,28 @@ class LossOutput:
     ntp_count: torch.Tensor
     jepa_sum: torch.Tensor
     jepa_count: torch.Tensor
-    pred_embeddings: torch.Tensor | None = None  # (n_jepa, d), detached, for the collapse signal
+    pred_embeddings: torch.Tensor | None = None  # (n, d), detached, for the collapse signal
+    pred_rows: torch.Tensor | None = None  # (n,) bool: which pred_embeddings are real (None: all)
     logits: torch.Tensor | None = None  # (B, E, V) float32 in batch order, when asked
     layer_logits: list[torch.Tensor] | None = None  # per layer (B, E, V), logit lens
 
+    def jepa_embeddings(self) -> torch.Tensor | None:
+        """The pred embeddings of real JEPA items (a host sync: for log steps only)."""
+        if self.pred_embeddings is None or self.pred_rows is None:
+            return self.pred_embeddings
+        return self.pred_embeddings[self.pred_rows]
+
 
 def jepa_distance(
-    pred: torch.Tensor, target: torch.Tensor, metric: str, temperature: float
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    metric: str,
+    temperature: float,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-item distance (n,) between pred and target embeddings (n, d), in float32."""
+    """Per-item distance (n,) between pred and target embeddings (n, d), in float32. `valid`
+    (n,) bool marks the real items when the batch holds others (infonce uses only real items
+    as negatives; the distances of the others are meaningless and must be masked out)."""
     pred, target = pred.float(), target.float()
     if metric == "cosine":
         return 1.0 - F.cosine_similarity(pred, target, dim=-1)
@@ -139,6 +160,9 @@ def jepa_distance(
         return (pred - target).pow(2).mean(-1)
     if metric == "infonce":
         sim = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T / temperature
+        if valid is not None:
+            # a large finite value, not -inf: a row with no real item stays finite (exp -> 0)
+            sim = sim.masked_fill(~valid[None, :], -1e9)
         return -torch.diagonal(torch.log_softmax(sim, dim=-1))
     raise ValueError(f"unknown distance metric {metric!r}")
 
@@ -155,7 +179,26 @@ def collapse_signal(pred: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"pred_mean_cos": mean_cos, "pred_std": pred.float().std(0).mean()}
 
 
-class GPT2Jepa(nn.Module):
+class LossFamily(nn.Module):
+    """What the trainer, evaluator and bench see of a model family: batch (seq, kind) -> loss
+    sums, in two halves: `prepare` (host side: packing plans, anything data-dependent) and
+    `losses(*prepared)` (device side, fixed shapes for fixed input shapes: the half that
+    torch.compile and CUDA graphs take)."""
+
+    def forward(
+        self,
+        seq: torch.Tensor,
+        kind: torch.Tensor,
+        jepa_keep: torch.Tensor | None = None,
+        with_logits: bool = False,
+        per_layer: bool = False,
+    ) -> LossOutput:
+        return self.losses(
+            *self.prepare(seq, kind, jepa_keep), with_logits=with_logits, per_layer=per_layer
+        )
+
+
+class GPT2Jepa(LossFamily):
     """Model family `gpt2_jepa`: batch (seq, kind) -> NTP and LLM-JEPA loss sums."""
 
     family = "gpt2_jepa"
@@ -207,53 +250,90 @@ class GPT2Jepa(nn.Module):
         inv = self.inverse[seq[:, e]]
         return torch.cat([seq[:, e + 2 :], inv[:, None], seq[:, e + 1 : e + 2], seq[:, :e]], 1)
 
-    def forward(
+    def row_count(self, n_jepa: int, n_other: int, fixed_shapes: bool) -> int:
+        """Packed rows of a batch: JEPA rows + pair rows, rounded up to a multiple of ROW_BUCKET
+        (the rest all-<pad>: oneDNN on CPU JIT-compiles a kernel per new GEMM shape, ~5 ms
+        each, and a handful of shapes get reused instead). `fixed_shapes` takes the largest
+        count any batch of this size can need, so that every step has the same shapes (what
+        torch.compile with CUDA graphs requires), at the cost of some all-<pad> rows."""
+        if fixed_shapes:
+            b = n_jepa + n_other
+            n_jepa, n_other = (b, 0) if self.jepa else (0, b)
+        return -(-(n_jepa + (n_other + 1) // 2) // ROW_BUCKET) * ROW_BUCKET
+
+    def prepare(
         self,
         seq: torch.Tensor,
         kind: torch.Tensor,
         jepa_keep: torch.Tensor | None = None,
-        with_logits: bool = False,
-        per_layer: bool = False,
-    ) -> LossOutput:
-        """Losses of one batch. `jepa_keep` (B,) bool is the loss-dropout draw (None = keep all).
+        fixed_shapes: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The packing plan of a batch, computed on the host from `kind` (which may stay on the
+        CPU while `seq` is on a GPU, as the trainer does: the plan has data-dependent counts,
+        and a host plan saves a device-to-host synchronisation per step). Returns the
+        arguments of `losses`; the plan is one int64 tensor of fixed size for a given row
+        count, sent with one non-blocking copy.
 
-        `kind` may stay on the CPU while `seq` is on a GPU (the trainer does that): the packing
-        plan (which items go to which row) has data-dependent sizes, and computing it from a
-        host tensor saves a device-to-host synchronisation per step.
+        Layout (R rows, B items; index B stands for an all-<pad> item):
+          slot0 (R)  item in a row's first block (a JEPA item or pair item a)
+          slot1 (R)  item in a pair row's second block
+          jepa  (R)  1 for JEPA rows
+          order (B)  items in packing order (JEPA items, then items a, then items b)
+          start (B)  flat position (row * row length + block offset) of each item in `order`
         """
         b, big_l = seq.shape
-        e, k = self.entity_len, self.k
-        dev = seq.device
-        is_jepa = (
-            (kind == KIND_ID["train"]) if self.jepa else torch.zeros_like(kind, dtype=torch.bool)
-        )
+        kind = kind.cpu()  # a no-op for the trainer; DDP and callers may pass it on the device
+        is_jepa = (kind == KIND_ID["train"]) if self.jepa else torch.zeros(b, dtype=torch.bool)
         idx_j = torch.nonzero(is_jepa).flatten()
         idx_o = torch.nonzero(~is_jepa).flatten()
         n_j, n_o = idx_j.numel(), idx_o.numel()
         # pair rows hold items a (even positions of idx_o) and b (odd); with an odd count the
         # last pair row's second slot stays <pad>
         n_a, n_b = (n_o + 1) // 2, n_o // 2
-        # All-<pad> rows round the row count up to a multiple of ROW_BUCKET: the number of rows
-        # varies with each batch's kinds, and oneDNN (bf16 on CPU) JIT-compiles a new kernel
-        # for every new GEMM shape (~5 ms each). A handful of shapes get reused instead.
-        n_rows = -(-(n_j + n_a) // ROW_BUCKET) * ROW_BUCKET
-        # non_blocking: a host-to-device copy that does not wait for the queued GPU work
-        idx_j, idx_a, idx_b = (
-            x.to(dev, non_blocking=True) for x in (idx_j, idx_o[0::2], idx_o[1::2])
-        )
-        # Written into one <pad>-filled tensor by slices, without a branch on the counts: under
-        # torch.compile every Python branch on a count is a guard, and each new combination of
-        # guards (odd/even pair count, filler rows or none) was a recompilation.
-        # (`if n_j` stays: it is constant in training, and no reverse is built without JEPA)
-        ids = seq.new_full((n_rows, 2 * big_l + k), self.pad_id)
-        if n_j:
-            fwd = seq[idx_j]
-            ids[:n_j, :big_l] = fwd
-            ids[:n_j, big_l : big_l + k] = self.pred_id
-            ids[:n_j, big_l + k :] = self.reverse(fwd)
-        ids[n_j : n_j + n_a, :big_l] = seq[idx_a]
-        ids[n_j : n_j + n_b, big_l : 2 * big_l] = seq[idx_b]
-        row_type = (torch.arange(n_rows, device=dev) >= n_j).long()
+        n_rows = self.row_count(n_j, n_o, fixed_shapes)
+        plan = torch.full((3 * n_rows + 2 * b,), b, dtype=torch.long)
+        slot0, slot1, jepa, order, start = plan.split([n_rows, n_rows, n_rows, b, b])
+        slot0[:n_j] = idx_j
+        slot0[n_j : n_j + n_a] = idx_o[0::2]
+        slot1[n_j : n_j + n_b] = idx_o[1::2]
+        jepa.zero_()[:n_j] = 1
+        order[:n_j] = idx_j
+        order[n_j:] = torch.cat([idx_o[0::2], idx_o[1::2]])
+        width = 2 * big_l + self.k
+        start[: n_j + n_a] = torch.arange(n_j + n_a) * width
+        start[n_j + n_a :] = torch.arange(n_j, n_j + n_b) * width + big_l
+        return seq, to_device(plan, seq.device), jepa_keep
+
+    def losses(
+        self,
+        seq: torch.Tensor,
+        plan: torch.Tensor,
+        jepa_keep: torch.Tensor | None = None,
+        with_logits: bool = False,
+        per_layer: bool = False,
+    ) -> LossOutput:
+        """Losses of one packed batch (see `prepare`). `jepa_keep` (B,) bool is the loss-dropout
+        draw (None = keep all). Every shape here follows from the shapes of the inputs, and no
+        branch depends on the data, so torch.compile traces it once and CUDA graphs can
+        replay it."""
+        b, big_l = seq.shape
+        e, k = self.entity_len, self.k
+        dev = seq.device
+        n_rows = (plan.numel() - 2 * b) // 3
+        slot0, slot1, jepa_row, order, start = plan.split([n_rows, n_rows, n_rows, b, b])
+        padded = torch.cat([seq, seq.new_full((1, big_l), self.pad_id)])  # item b = <pad>
+        first, second = padded[slot0], padded[slot1]
+        is_jepa = jepa_row.bool()
+        if self.jepa:  # a configuration constant, not a data-dependent branch
+            jepa_tail = torch.cat(
+                [first.new_full((n_rows, k), self.pred_id), self.reverse(first)], 1
+            )
+            pair_tail = torch.cat([second, second.new_full((n_rows, k), self.pad_id)], 1)
+            tail = torch.where(is_jepa[:, None], jepa_tail, pair_tail)
+        else:
+            tail = second
+        ids = torch.cat([first, tail], 1)
+        row_type = 1 - jepa_row
         h, layers = gpt2_hidden_states(
             self.lm,
             ids,
@@ -264,25 +344,11 @@ class GPT2Jepa(nn.Module):
         )
 
         # NTP: the E positions before each e2 token, for every item, in packing order.
-        item_order = torch.cat([idx_j, idx_a, idx_b])
-        item_row = torch.cat(
-            [
-                torch.arange(n_j + n_a, device=dev),
-                torch.arange(n_j, n_j + n_b, device=dev),
-            ]
-        )
-        item_off = torch.cat(
-            [
-                torch.zeros(n_j + n_a, dtype=torch.long, device=dev),
-                torch.full((n_b,), big_l, device=dev),
-            ]
-        )
-        cols = item_off[:, None] + torch.arange(e + 1, 2 * e + 1, device=dev)
-        rows_ix = item_row[:, None].expand_as(cols)
-        targets = seq[item_order, e + 2 :]
+        cols = start[:, None] + torch.arange(e + 1, 2 * e + 1, device=dev)
+        targets = seq[order, e + 2 :]
         head = self.lm.lm_head.weight
         ln_f = self.lm.transformer.ln_f
-        logits = ln_f(h[rows_ix, cols]) @ head.T  # (B, E, V)
+        logits = ln_f(h.flatten(0, 1)[cols]) @ head.T  # (B, E, V)
         ntp_sum = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
         out = LossOutput(
             ntp_sum=ntp_sum,
@@ -290,23 +356,34 @@ class GPT2Jepa(nn.Module):
             jepa_sum=h.new_zeros((), dtype=torch.float32),
             jepa_count=torch.zeros((), device=dev),
         )
-        if n_j:
-            pred = ln_f(h[:n_j, big_l + k - 1])
-            target = ln_f(h[:n_j, 2 * big_l + k - 1])
+        if self.jepa:
+            # every row's pred and target; only JEPA rows (kept by loss dropout) count
+            pred = ln_f(h[:, big_l + k - 1])
+            target = ln_f(h[:, 2 * big_l + k - 1])
             dist = jepa_distance(
-                pred, target, self.objective.distance_metric, self.objective.infonce_temperature
+                pred,
+                target,
+                self.objective.distance_metric,
+                self.objective.infonce_temperature,
+                is_jepa,
             )
-            keep = torch.ones_like(dist) if jepa_keep is None else jepa_keep[idx_j].float()
-            out.jepa_sum = (dist * keep).sum()
-            out.jepa_count = keep.sum()
+            weight = is_jepa
+            if jepa_keep is not None:
+                weight = (
+                    weight & torch.cat([jepa_keep.bool(), jepa_keep.new_zeros(1).bool()])[slot0]
+                )
+            out.jepa_sum = torch.where(weight, dist, 0.0).sum()
+            out.jepa_count = weight.sum().float()
             out.pred_embeddings = pred.detach()
+            out.pred_rows = is_jepa
         if with_logits or per_layer:
-            inverse_order = torch.empty_like(item_order)
-            inverse_order[item_order] = torch.arange(b, device=dev)
+            inverse_order = torch.empty_like(order)
+            inverse_order[order] = torch.arange(b, device=dev)
             out.logits = logits.float()[inverse_order]
             if per_layer:
                 out.layer_logits = [
-                    (ln_f(layer[rows_ix, cols]) @ head.T).float()[inverse_order] for layer in layers
+                    (ln_f(layer.flatten(0, 1)[cols]) @ head.T).float()[inverse_order]
+                    for layer in layers
                 ]
         return out
 

@@ -35,7 +35,7 @@ from .data import Dataset, load_dataset
 from .errors import UserError, one_line
 from .evaluate import append_jsonl, evaluate_split, read_jsonl
 from .faults import crash, crash_requested
-from .model import build_model, collapse_signal
+from .model import build_model, collapse_signal, to_device
 from .schedule import checkpoint_steps, lr_multiplier, should_eval, should_save
 
 log = logging.getLogger("revjepa.train")
@@ -330,6 +330,16 @@ def _train(
     if d.main:
         check_output_dir(output_dir, resume_requested)
     device = resolve_device(tc.device, d)
+    use_compile = tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda")
+    # CUDA graphs replay a whole captured step: a single device, and no DDP hooks in between
+    cuda_graphs = (
+        use_compile and device.type == "cuda" and not d.enabled and tc.cuda_graphs != "off"
+    )
+    if tc.cuda_graphs == "on" and not cuda_graphs:
+        raise UserError(
+            "--cuda_graphs on needs torch.compile (--compile on or auto) on one CUDA device "
+            f"without DDP (here: device {device}, --compile {tc.compile}, world size {d.world})"
+        )
     dataset: Dataset = load_dataset(tc.data_dir)
     if state is not None and state.get("vocab") != dataset.vocab.token_to_id:
         raise UserError(
@@ -375,11 +385,6 @@ def _train(
         torch.set_rng_state(state["rng_state"]["cpu"])
         if device.type == "cuda" and state["rng_state"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng_state"]["cuda"], device)
-    run_model: torch.nn.Module = model
-    if d.enabled:
-        run_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
 
     n_params = sum(p.numel() for p in model.parameters())
     resolved = config.to_dict()
@@ -389,6 +394,8 @@ def _train(
         "world_size": d.world,
         "global_batch_size": global_batch,
         "precision": precision,
+        "compile": use_compile,
+        "cuda_graphs": cuda_graphs,
         "device": str(device),
         "cpu_threads": torch.get_num_threads(),
         "parameters": n_params,
@@ -440,19 +447,26 @@ def _train(
         if oc.loss_dropout > 0:
             keep = loss_dropout_keep(tc.seed, step, global_batch, oc.loss_dropout)
             keep = keep[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size]
-            keep = keep.to(device, non_blocking=True)
-        return seq_all[local_idx.to(device, non_blocking=True)], kind_all[local_idx], keep
+            keep = to_device(keep, device)
+        return seq_all[to_device(local_idx, device)], kind_all[local_idx], keep
 
-    if tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda"):
+    run_model: torch.nn.Module = model
+    if use_compile:
         run_model = compiled_or_eager(
-            compile_model(run_model),
-            run_model,
+            compile_model(model, cuda_graphs),
+            model,
             batch_at(start_step),
             oc,
             precision,
             device,
             d.world,
             log.warning,
+            # CUDA graphs are recorded at the second call: probe that too
+            probe_steps=2 if cuda_graphs else 1,
+        )
+    if d.enabled:  # after the probe: DDP's hooks must belong to the module that trains
+        run_model = torch.nn.parallel.DistributedDataParallel(
+            run_model, device_ids=[device.index] if device.type == "cuda" else None
         )
     params = [p for p in model.parameters() if p.requires_grad]
     bad_run = 0
@@ -539,10 +553,9 @@ def _train(
                 grad_norm=float(grad_norm),
                 steps_per_s=(step - step_last) / max(now - t_last, 1e-9),
             )
-            if out.pred_embeddings is not None:
-                record.update(
-                    {k: float(v) for k, v in collapse_signal(out.pred_embeddings).items()}
-                )
+            pred = out.jepa_embeddings()
+            if pred is not None:
+                record.update({k: float(v) for k, v in collapse_signal(pred).items()})
             running.zero_()
             steps_in_window = 0
             t_last, step_last = now, step
@@ -615,16 +628,39 @@ def forward_losses(run_model, seq, kind, keep, oc, precision: str, device, world
     return out, loss, ntp, jepa
 
 
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """`torch.compile` with dynamic shapes: the packed row count and the number of JEPA items
-    change from batch to batch, and static shapes would recompile for each new count."""
-    # Inductor's coalescing tile analysis (Triton backend) fails on this model's dynamic shapes
-    # (torch 2.11 on an H200: AssertionError in tiling_utils.get_pw_red_splits); inductor's own
-    # notes say the analysis does not apply to dynamic shapes yet, so turn it off.
-    import torch._inductor.config as inductor_config
+class CompiledLosses(torch.nn.Module):
+    """A model family run with its device half (`losses`) under torch.compile; the host half
+    (`prepare`: packing plans) stays eager, outside the compiled graph. Batches are prepared
+    with fixed shapes, so the graph is compiled once, for static shapes, and never guards on a
+    count; with `cuda_graphs` (mode reduce-overhead) every step replays one recorded CUDA
+    graph for the forward and one for the backward instead of issuing ~300 kernels."""
 
-    inductor_config.triton.coalesce_tiling_analysis = False
-    return torch.compile(model, dynamic=True)
+    def __init__(self, model: torch.nn.Module, cuda_graphs: bool) -> None:
+        super().__init__()
+        # Inductor's coalescing tile analysis (Triton backend) failed on this model under
+        # dynamic shapes (torch 2.11 on an H200: AssertionError in
+        # tiling_utils.get_pw_red_splits); the shapes are static now, but keep the setting
+        # that is known to work.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.coalesce_tiling_analysis = False
+        self.model, self.cuda_graphs = model, cuda_graphs
+        mode = "reduce-overhead" if cuda_graphs else None
+        self.compiled_losses = torch.compile(model.losses, mode=mode, dynamic=False)
+
+    def forward(
+        self, seq: torch.Tensor, kind: torch.Tensor, jepa_keep: torch.Tensor | None = None
+    ) -> Any:
+        prepared = self.model.prepare(seq, kind, jepa_keep, fixed_shapes=True)
+        if self.cuda_graphs:
+            # a new step: the previous step's graph outputs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled_losses(*prepared)
+
+
+def compile_model(model: torch.nn.Module, cuda_graphs: bool) -> torch.nn.Module:
+    """The module that trains `model` compiled (see CompiledLosses)."""
+    return CompiledLosses(model, cuda_graphs)
 
 
 def compiled_or_eager(
@@ -636,17 +672,19 @@ def compiled_or_eager(
     device: torch.device,
     world: int,
     warn,
+    probe_steps: int = 1,
 ) -> torch.nn.Module:
-    """Compilation is lazy, so a platform where it fails only says so at the first step: run one
-    forward + backward of `compiled` on `batch` and return it if that works, else warn and
-    return `eager`. Leaves no trace: the RNG states are restored and the gradients dropped, so
-    the run continues exactly as it would have without the probe."""
+    """Compilation is lazy, so a platform where it fails only says so at the first step: run
+    `probe_steps` forward + backward passes of `compiled` on `batch` and return it if that
+    works, else warn and return `eager`. Leaves no trace: the RNG states are restored and the
+    gradients dropped, so the run continues exactly as it would have without the probe."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     t0 = time.perf_counter()
     try:
-        _, loss, _, _ = forward_losses(compiled, *batch, oc, precision, device, world)
-        loss.backward()
+        for _ in range(probe_steps):
+            _, loss, _, _ = forward_losses(compiled, *batch, oc, precision, device, world)
+            loss.backward()
         chosen = compiled
         log.info(f"torch.compile: the first step compiled in {time.perf_counter() - t0:.0f} s")
     except Exception as exc:  # any failure here means: do not use the compiled model
