@@ -685,6 +685,10 @@ def compiled_or_eager(
         for _ in range(probe_steps):
             _, loss, _, _ = forward_losses(compiled, *batch, oc, precision, device, world)
             loss.backward()
+            # as train_step does: under CUDA graphs the gradients are graph outputs that the
+            # next replay overwrites, so a second backward must not accumulate into them
+            for p in eager.parameters():
+                p.grad = None
         chosen = compiled
         log.info(f"torch.compile: the first step compiled in {time.perf_counter() - t0:.0f} s")
     except Exception as exc:  # any failure here means: do not use the compiled model
