@@ -96,7 +96,7 @@ stage env 30 bash -c env_info
 stage cuda_tests 120 "$PY" -m pytest -p no:cacheprovider -q tests/test_train.py -k cuda -rs
 # shellcheck disable=SC2086
 stage profile 200 "$PY" scripts/gpu_step_profile.py "$OUT" $PROFILE_VARIANTS
-# each training process compiles (~80 s on an H200 with torch 2.11 and dynamic shapes; the
+# each training process compiles (~20 s on an H200 with torch 2.11, static shapes; the
 # inductor cache of the profile stage may shorten that): three of them need time
 stage e2e 330 bash -c e2e
 stage concept 90 bash -c concept
