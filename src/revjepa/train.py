@@ -430,7 +430,7 @@ def _train(
 
     seq_all = train_split.seq.to(device)
     # kinds and the permutation stay on the host: the model plans each batch's packing from
-    # them there, so a GPU step never waits for a device-to-host copy (see GPT2Jepa.forward)
+    # them there, so a GPU step never waits for a device-to-host copy (see GPT2Jepa.prepare)
     kind_all = train_split.kind
     valid_split = dataset.valid[tc.valid_split]
     perms: dict[int, torch.Tensor] = {}
