@@ -13,8 +13,10 @@ def _plain(x: torch.Tensor) -> bool:
     return x.device.type != "cpu" or torch.compiler.is_compiling()
 
 
-def _keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """Bool keep-mask shaped like x and the scale of kept values.
+def _keep_mask(
+    x: torch.Tensor, p: float, dtype: torch.dtype = torch.bool
+) -> tuple[torch.Tensor, float]:
+    """Keep-mask shaped like x (0/1 in `dtype`) and the scale of kept values.
 
     `bernoulli_` draws one random number per element; here each int64 draw is cut into four
     16-bit uniforms r, and an element is kept when r < round((1 - p) * 2**16). The keep
@@ -25,7 +27,10 @@ def _keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     n = x.numel()
     bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
     r = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
-    return r < keep_count - 32768, 65536.0 / max(keep_count, 1)
+    # the comparison writes `dtype` directly: a bool mask converted afterwards is one more pass
+    keep = torch.empty(x.shape, dtype=dtype)
+    torch.lt(r, keep_count - 32768, out=keep)
+    return keep, 65536.0 / max(keep_count, 1)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -47,24 +52,20 @@ def residual_dropout(h: torch.Tensor, y: torch.Tensor, p: float, training: bool)
         return h + y
     if _plain(y) or p >= 1.0:
         return h + F.dropout(y, p, training=True)
-    keep, scale = _keep_mask(y, p)
-    return torch.addcmul(h, y, keep.to(y.dtype), value=scale)
+    keep, scale = _keep_mask(y, p, y.dtype)
+    return torch.addcmul(h, y, keep, value=scale)
 
 
 class _SoftmaxCrossEntropySum(torch.autograd.Function):
-    """Sum of cross-entropies with one exp pass: the forward keeps the softmax for the backward,
-    whose gradient is that softmax minus the one-hot target, written in place."""
+    """Sum of cross-entropies in two passes over the logits: the forward keeps the softmax
+    (exp of the log-softmax, in place) for the backward, whose gradient is that softmax minus
+    the one-hot target, written in place."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        x = logits.float()
-        picked = x.gather(1, target[:, None])
-        m = x.amax(1, keepdim=True)
-        prob = x.sub(m) if x is logits else x.sub_(m)  # never write into the caller's logits
-        prob.exp_()
-        total = prob.sum(1, keepdim=True)
-        loss = (total.log() + m - picked).sum()
-        prob.div_(total)
+        logp = torch.log_softmax(logits.float(), 1)  # a new tensor: the caller's logits stay
+        loss = -logp.gather(1, target[:, None]).sum()
+        prob = logp.exp_()
         ctx.save_for_backward(prob, target)
         ctx.in_dtype = logits.dtype
         ctx.used = False
@@ -87,3 +88,17 @@ def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     if _plain(logits):
         return F.cross_entropy(logits.float(), target, reduction="sum")
     return _SoftmaxCrossEntropySum.apply(logits, target)
+
+
+def tied_embedding(
+    ids: torch.Tensor, weight: torch.Tensor, dense_grad_follows: bool
+) -> torch.Tensor:
+    """`F.embedding(ids, weight)` for an embedding matrix that is also the LM head.
+
+    With `dense_grad_follows` (the caller's loss always reaches `weight` through the LM head
+    too), the CPU backward hands autograd a sparse gradient, which it adds to the LM head's
+    dense one: the dense (vocab, d) zeros and the dense sum of two (vocab, d) gradients, one
+    memory pass each, are saved. The parameter's final gradient is dense either way.
+    """
+    sparse = dense_grad_follows and weight.requires_grad and torch.is_grad_enabled()
+    return F.embedding(ids, weight, sparse=sparse and not _plain(weight))

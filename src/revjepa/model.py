@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from .config import ModelConfig, ObjectiveConfig
 from .data import KIND_ID, Vocab
 from .errors import UserError
-from .fastpath import cross_entropy_sum, dropout, residual_dropout
+from .fastpath import cross_entropy_sum, dropout, residual_dropout, tied_embedding
 
 hf_logging.set_verbosity_error()
 
@@ -101,14 +101,17 @@ def gpt2_hidden_states(
     mask: torch.Tensor,
     use_positions: bool,
     collect_layers: bool = False,
+    head_in_loss: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run GPT-2's blocks with an explicit (R, T, T) boolean attention mask (True = attend).
 
     Returns the last block's output BEFORE the final LayerNorm and, if asked, every layer's
-    output (embeddings first), also before ln_f.
+    output (embeddings first), also before ln_f. `head_in_loss`: the caller's loss always
+    goes through the LM head too (a speed hint for the tied embedding's gradient).
     """
     tr = lm.transformer
-    h = tr.wte(ids)
+    tied = lm.lm_head.weight is tr.wte.weight
+    h = tied_embedding(ids, tr.wte.weight, dense_grad_follows=head_in_loss and tied)
     if use_positions:
         h = h + tr.wpe(pos)
     h = dropout(h, tr.drop.p, tr.drop.training)
@@ -341,6 +344,7 @@ class GPT2Jepa(LossFamily):
             self.row_masks[row_type],
             self.model_cfg.position_embeddings,
             collect_layers=per_layer,
+            head_in_loss=True,  # ntp_sum below always uses the LM head
         )
 
         # NTP: the E positions before each e2 token, for every item, in packing order.
