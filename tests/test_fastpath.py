@@ -13,7 +13,7 @@ import revjepa.fastpath as fastpath
 import revjepa.model as model_mod
 from revjepa.config import ModelConfig, ObjectiveConfig
 from revjepa.data import KIND_ID, load_dataset
-from revjepa.fastpath import cross_entropy_sum, dropout, residual_dropout
+from revjepa.fastpath import cross_entropy_sum, dropout, residual_dropout, tied_embedding
 from revjepa.hostmem import tune_glibc_malloc
 from revjepa.model import GPT2Jepa
 
@@ -129,6 +129,40 @@ def test_cross_entropy_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
+
+
+# ----------------------------------------------------------------------------- tied embedding
+
+
+@pytest.mark.parametrize("head_first", [True, False], ids=["head-grad-first", "embedding-first"])
+def test_tied_embedding_gradient_is_dense_and_equals_the_plain_one(head_first):
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(50, 8, generator=g)
+    ids = torch.tensor([[3, 7, 3], [49, 0, 7]])  # repeated ids accumulate
+    h, g_emb = torch.randn(5, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    g_logits = torch.randn(5, 50, generator=g)
+    grads = []
+    for follows in (True, False):
+        w = w0.clone().requires_grad_()
+        emb = tied_embedding(ids, w, dense_grad_follows=follows)
+        logits = h @ w.T
+        outs, gs = [logits, emb], [g_logits, g_emb]
+        if not head_first:  # the order in which autograd receives the two gradients
+            outs, gs = outs[::-1], gs[::-1]
+        torch.autograd.backward(outs, gs)
+        assert w.grad.layout == torch.strided
+        grads.append(w.grad)
+    expected = g_logits.T @ h
+    expected.index_add_(0, ids.flatten(), g_emb.flatten(0, 1))
+    assert torch.allclose(grads[0], expected, atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    # the fast path is really taken: alone, its gradient is sparse (hence the caller's promise)
+    w = w0.clone().requires_grad_()
+    tied_embedding(ids, w, dense_grad_follows=True).sum().backward()
+    assert w.grad.is_sparse
+    w = w0.clone().requires_grad_()
+    tied_embedding(ids, w, dense_grad_follows=False).sum().backward()
+    assert w.grad.layout == torch.strided
 
 
 # ----------------------------------------------------------------------------- the whole step
