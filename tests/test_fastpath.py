@@ -13,7 +13,13 @@ import revjepa.fastpath as fastpath
 import revjepa.model as model_mod
 from revjepa.config import ModelConfig, ObjectiveConfig
 from revjepa.data import KIND_ID, load_dataset
-from revjepa.fastpath import cross_entropy_sum, dropout, residual_dropout, tied_embedding
+from revjepa.fastpath import (
+    cross_entropy_sum,
+    dropout,
+    linear_cross_entropy_sum,
+    residual_dropout,
+    tied_embedding,
+)
 from revjepa.hostmem import tune_glibc_malloc
 from revjepa.model import GPT2Jepa
 
@@ -126,6 +132,52 @@ def test_cross_entropy_matches_torch(dtype):
 def test_cross_entropy_refuses_a_second_backward():
     logits = torch.randn(3, 5, requires_grad=True)
     loss = cross_entropy_sum(logits, torch.tensor([0, 1, 2]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+def _linear_ce_case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(23, 16, generator=g) * 2
+    w = torch.randn(301, 16, generator=g)
+    target = torch.randint(0, 301, (23,), generator=g)
+    return x, w, target
+
+
+def _linear_ce_grads(fn, x, w, target, scale):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fn(x, w, target)
+    (loss * scale).backward()
+    return loss.detach(), x.grad, w.grad
+
+
+def test_linear_cross_entropy_matches_torch():
+    x, w, target = _linear_ce_case(0)
+    ref = _linear_ce_grads(
+        lambda x, w, t: F.cross_entropy(x @ w.T, t, reduction="sum"), x, w, target, 0.37
+    )
+    for _ in range(2):  # the second call runs in the buffer the first one handed back
+        ours = _linear_ce_grads(linear_cross_entropy_sum, x, w, target, 0.37)
+        assert ours[0].item() == pytest.approx(ref[0].item(), rel=1e-6)
+        for a, b in zip(ours[1:], ref[1:]):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert (23, 301) in fastpath._logits_buffers  # reused from step to step
+
+
+def test_linear_cross_entropy_two_live_graphs_do_not_share_a_buffer():
+    cases = [_linear_ce_case(1), _linear_ce_case(2)]
+    refs = [_linear_ce_grads(linear_cross_entropy_sum, *c, 1.0) for c in cases]
+    xs = [c[0].clone().requires_grad_() for c in cases]
+    ws = [c[1].clone().requires_grad_() for c in cases]
+    losses = [linear_cross_entropy_sum(x, w, c[2]) for x, w, c in zip(xs, ws, cases)]
+    for loss in reversed(losses):  # both forwards first, then both backwards
+        loss.backward()
+    for x, w, ref in zip(xs, ws, refs):
+        assert torch.equal(x.grad, ref[1]) and torch.equal(w.grad, ref[2])
+    loss = linear_cross_entropy_sum(
+        *[t.clone().requires_grad_() for t in cases[0][:2]], cases[0][2]
+    )
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()

@@ -25,7 +25,13 @@ from transformers.utils import logging as hf_logging
 from .config import ModelConfig, ObjectiveConfig
 from .data import KIND_ID, Vocab
 from .errors import UserError
-from .fastpath import cross_entropy_sum, dropout, residual_dropout, tied_embedding
+from .fastpath import (
+    cross_entropy_sum,
+    dropout,
+    linear_cross_entropy_sum,
+    residual_dropout,
+    tied_embedding,
+)
 
 hf_logging.set_verbosity_error()
 
@@ -352,8 +358,13 @@ class GPT2Jepa(LossFamily):
         targets = seq[order, e + 2 :]
         head = self.lm.lm_head.weight
         ln_f = self.lm.transformer.ln_f
-        logits = ln_f(h.flatten(0, 1)[cols]) @ head.T  # (B, E, V)
-        ntp_sum = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
+        scored = ln_f(h.flatten(0, 1)[cols])  # (B, E, d)
+        want_logits = with_logits or per_layer  # a flag of the call, not of the data
+        if want_logits:
+            logits = scored @ head.T  # (B, E, V)
+            ntp_sum = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
+        else:  # training: the (B * E, V) logits never leave the loss
+            ntp_sum = linear_cross_entropy_sum(scored.flatten(0, 1), head, targets.flatten())
         out = LossOutput(
             ntp_sum=ntp_sum,
             ntp_count=torch.full((), float(b * e), device=dev),  # a fill, not a blocking copy
@@ -380,7 +391,7 @@ class GPT2Jepa(LossFamily):
             out.jepa_count = weight.sum().float()
             out.pred_embeddings = pred.detach()
             out.pred_rows = is_jepa
-        if with_logits or per_layer:
+        if want_logits:
             inverse_order = torch.empty_like(order)
             inverse_order[order] = torch.arange(b, device=dev)
             out.logits = logits.float()[inverse_order]
