@@ -13,13 +13,7 @@ import revjepa.fastpath as fastpath
 import revjepa.model as model_mod
 from revjepa.config import ModelConfig, ObjectiveConfig
 from revjepa.data import KIND_ID, load_dataset
-from revjepa.fastpath import (
-    cross_entropy_sum,
-    dropout,
-    linear_cross_entropy_sum,
-    residual_dropout,
-    tied_embedding,
-)
+from revjepa.fastpath import TiedLMHead, cross_entropy_sum, dropout, residual_dropout
 from revjepa.hostmem import tune_glibc_malloc
 from revjepa.model import GPT2Jepa
 
@@ -137,84 +131,93 @@ def test_cross_entropy_refuses_a_second_backward():
         loss.backward()
 
 
-def _linear_ce_case(seed: int):
+# ----------------------------------------------------------------------------- tied LM head
+
+
+def _head_case(seed: int):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(23, 16, generator=g) * 2
     w = torch.randn(301, 16, generator=g)
+    ids = torch.tensor([[3, 7, 3], [300, 0, 7]])  # repeated ids accumulate
     target = torch.randint(0, 301, (23,), generator=g)
-    return x, w, target
+    # x stands for the transformer's output: any function of the embeddings
+    mix = torch.randn(23, 6, generator=g)
+    return w, ids, target, mix
 
 
-def _linear_ce_grads(fn, x, w, target, scale):
-    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = fn(x, w, target)
+def _head_loss_and_grad(w0, ids, target, mix, fast: bool, embed=True, scale=0.37):
+    """Embedding lookup, then the LM head's summed cross-entropy, through a TiedLMHead (fast)
+    or the plain ops; returns the loss and the weight's gradient."""
+    w = w0.clone().requires_grad_()
+    tied = TiedLMHead(w)
+    assert tied.fast  # float32 on the CPU, grad enabled, no autocast
+    if embed:
+        e = tied.embed(ids) if fast else F.embedding(ids, w)
+        x = (mix @ e.flatten(0, 1)) * 2
+    else:
+        x = mix @ torch.ones(6, 16)
+    if fast:
+        loss = tied.cross_entropy_sum(x, target)
+    else:
+        loss = F.cross_entropy(x @ w.T, target, reduction="sum")
     (loss * scale).backward()
-    return loss.detach(), x.grad, w.grad
+    assert w.grad.layout == torch.strided
+    return loss.detach(), w.grad
 
 
-def test_linear_cross_entropy_matches_torch():
-    x, w, target = _linear_ce_case(0)
-    ref = _linear_ce_grads(
-        lambda x, w, t: F.cross_entropy(x @ w.T, t, reduction="sum"), x, w, target, 0.37
-    )
-    for _ in range(2):  # the second call runs in the buffer the first one handed back
-        ours = _linear_ce_grads(linear_cross_entropy_sum, x, w, target, 0.37)
+@pytest.mark.parametrize("embed", [True, False], ids=["embedding+head", "head-only"])
+def test_tied_head_matches_the_plain_ops(embed):
+    case = _head_case(0)
+    ref = _head_loss_and_grad(*case, fast=False, embed=embed)
+    for _ in range(2):  # the second call runs in the (n, V) buffer the first one handed back
+        ours = _head_loss_and_grad(*case, fast=True, embed=embed)
         assert ours[0].item() == pytest.approx(ref[0].item(), rel=1e-6)
-        for a, b in zip(ours[1:], ref[1:]):
-            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+        assert torch.allclose(ours[1], ref[1], atol=1e-6, rtol=1e-5)
     assert (23, 301) in fastpath._logits_buffers  # reused from step to step
 
 
-def test_linear_cross_entropy_two_live_graphs_do_not_share_a_buffer():
-    cases = [_linear_ce_case(1), _linear_ce_case(2)]
-    refs = [_linear_ce_grads(linear_cross_entropy_sum, *c, 1.0) for c in cases]
-    xs = [c[0].clone().requires_grad_() for c in cases]
-    ws = [c[1].clone().requires_grad_() for c in cases]
-    losses = [linear_cross_entropy_sum(x, w, c[2]) for x, w, c in zip(xs, ws, cases)]
-    for loss in reversed(losses):  # both forwards first, then both backwards
-        loss.backward()
-    for x, w, ref in zip(xs, ws, refs):
-        assert torch.equal(x.grad, ref[1]) and torch.equal(w.grad, ref[2])
-    loss = linear_cross_entropy_sum(
-        *[t.clone().requires_grad_() for t in cases[0][:2]], cases[0][2]
-    )
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="second time"):
-        loss.backward()
-
-
-# ----------------------------------------------------------------------------- tied embedding
-
-
-@pytest.mark.parametrize("head_first", [True, False], ids=["head-grad-first", "embedding-first"])
-def test_tied_embedding_gradient_is_dense_and_equals_the_plain_one(head_first):
-    g = torch.Generator().manual_seed(0)
-    w0 = torch.randn(50, 8, generator=g)
-    ids = torch.tensor([[3, 7, 3], [49, 0, 7]])  # repeated ids accumulate
-    h, g_emb = torch.randn(5, 8, generator=g), torch.randn(2, 3, 8, generator=g)
-    g_logits = torch.randn(5, 50, generator=g)
+def test_tied_embedding_without_the_head_gets_its_own_gradient():
+    w0, ids, _, _ = _head_case(1)
+    g = torch.randn(2, 3, 16)
     grads = []
-    for follows in (True, False):
+    for fast in (True, False):
         w = w0.clone().requires_grad_()
-        emb = tied_embedding(ids, w, dense_grad_follows=follows)
-        logits = h @ w.T
-        outs, gs = [logits, emb], [g_logits, g_emb]
-        if not head_first:  # the order in which autograd receives the two gradients
-            outs, gs = outs[::-1], gs[::-1]
-        torch.autograd.backward(outs, gs)
-        assert w.grad.layout == torch.strided
+        e = TiedLMHead(w).embed(ids) if fast else F.embedding(ids, w)
+        e.backward(g)
         grads.append(w.grad)
-    expected = g_logits.T @ h
-    expected.index_add_(0, ids.flatten(), g_emb.flatten(0, 1))
-    assert torch.allclose(grads[0], expected, atol=1e-6)
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
-    # the fast path is really taken: alone, its gradient is sparse (hence the caller's promise)
-    w = w0.clone().requires_grad_()
-    tied_embedding(ids, w, dense_grad_follows=True).sum().backward()
-    assert w.grad.is_sparse
-    w = w0.clone().requires_grad_()
-    tied_embedding(ids, w, dense_grad_follows=False).sum().backward()
-    assert w.grad.layout == torch.strided
+    assert torch.equal(grads[0], grads[1])
+    expected = torch.zeros_like(w0).index_add_(0, ids.flatten(), g.flatten(0, 1))
+    assert torch.equal(grads[0], expected)
+
+
+def test_tied_head_two_live_graphs_keep_their_own_buffers_and_gradients():
+    cases = [_head_case(2), _head_case(3)]
+    refs = [_head_loss_and_grad(*c, fast=False, scale=1.0) for c in cases]
+    ws, losses = [], []
+    for w0, ids, target, mix in cases:  # both forwards first, then both backwards
+        w = w0.clone().requires_grad_()
+        tied = TiedLMHead(w)
+        x = (mix @ tied.embed(ids).flatten(0, 1)) * 2
+        ws.append(w)
+        losses.append(tied.cross_entropy_sum(x, target))
+    for loss in reversed(losses):
+        loss.backward()
+    for w, ref in zip(ws, refs):
+        assert torch.allclose(w.grad, ref[1], atol=1e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="twice"):
+        w = cases[0][0].clone().requires_grad_()
+        loss = TiedLMHead(w).cross_entropy_sum(torch.randn(23, 16), cases[0][2])
+        loss.backward(retain_graph=True)
+        loss.backward()
+
+
+def test_tied_head_takes_the_plain_path_where_it_does_not_apply():
+    w = torch.randn(301, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not TiedLMHead(w).fast
+    with torch.no_grad():
+        assert not TiedLMHead(w).fast
+    assert not TiedLMHead(w.detach()).fast
+    assert not TiedLMHead(w.detach().double().requires_grad_()).fast
 
 
 # ----------------------------------------------------------------------------- the whole step

@@ -103,7 +103,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     the backward's GEMMs take the upstream gradient on their small operands."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x, weight, target, tie: TiedLMHead) -> torch.Tensor:
         shape = (x.shape[0], weight.shape[0])
         buf = _logits_buffers.pop(shape, None)
         if buf is None:
@@ -115,13 +115,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         loss = -buf.gather(1, target[:, None]).sum()
         prob = buf.exp_()
         ctx.save_for_backward(x, weight, prob, target)
-        ctx.used = False
+        ctx.tie, ctx.used = tie, False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         if ctx.used:  # the saved softmax became the gradient: a second backward would be wrong
-            raise RuntimeError("linear_cross_entropy_sum: backward through the graph a second time")
+            raise RuntimeError("TiedLMHead.cross_entropy_sum: backward through the graph twice")
         ctx.used = True
         x, weight, prob, target = ctx.saved_tensors
         rows = torch.arange(prob.shape[0], device=prob.device)
@@ -129,33 +129,63 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_x = (prob @ weight).mul_(grad_loss) if ctx.needs_input_grad[0] else None
         grad_w = prob.T @ (x * grad_loss) if ctx.needs_input_grad[1] else None
         _logits_buffers[tuple(prob.shape)] = prob
-        return grad_x, grad_w, None
+        if grad_w is not None and ctx.tie.embedded:
+            ctx.tie.head_grad, grad_w = grad_w, None  # the embedding's backward adds to it
+        return grad_x, grad_w, None, None
 
 
-def linear_cross_entropy_sum(
-    x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    """`cross_entropy_sum(x @ weight.T, target)` for (n, d) x and a (V, d) LM head. On the CPU
-    in float32 (no autocast) this saves two of the (n, V) passes and one (n, V) buffer."""
-    fused = (
-        not _plain(x)
-        and x.dtype == weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-    )
-    if not fused:
-        return cross_entropy_sum(x @ weight.T, target)
-    return _LinearCrossEntropySum.apply(x, weight, target)
+class _TiedEmbedding(torch.autograd.Function):
+    """`F.embedding` whose backward adds its rows into the LM head's weight gradient (handed
+    over through the TiedLMHead) instead of into a zero-filled (V, d) gradient of its own."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, tie: TiedLMHead) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.tie, ctx.weight_shape = tie, weight.shape
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        grad, ctx.tie.head_grad = ctx.tie.head_grad, None
+        if grad is None:  # the head was not in this loss, or took the plain path
+            grad = grad_out.new_zeros(ctx.weight_shape)
+        grad.index_add_(0, ids.flatten(), grad_out.reshape(-1, grad_out.shape[-1]))
+        return None, grad, None
 
 
-def tied_embedding(
-    ids: torch.Tensor, weight: torch.Tensor, dense_grad_follows: bool
-) -> torch.Tensor:
-    """`F.embedding(ids, weight)` for an embedding matrix that is also the LM head.
+class TiedLMHead:
+    """The token embedding and the LM head of one forward pass, sharing one (V, d) matrix.
 
-    With `dense_grad_follows` (the caller's loss always reaches `weight` through the LM head
-    too), the CPU backward hands autograd a sparse gradient, which it adds to the LM head's
-    dense one: the dense (vocab, d) zeros and the dense sum of two (vocab, d) gradients, one
-    memory pass each, are saved. The parameter's final gradient is dense either way.
+    On the CPU in float32 without autocast, `cross_entropy_sum` is one function over one
+    reused (n, V) buffer, and its weight gradient is not returned to autograd but handed to
+    the embedding's backward, which runs later (the embedding is upstream of the head) and
+    adds its rows in place: the zero-filled (V, d) embedding gradient and the sum of two
+    (V, d) gradients, each a pass over 16 MB at the bench size, are saved. Elsewhere (CUDA,
+    torch.compile, autocast, no grad) these are the plain ops.
     """
-    sparse = dense_grad_follows and weight.requires_grad and torch.is_grad_enabled()
-    return F.embedding(ids, weight, sparse=sparse and not _plain(weight))
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.fast = (
+            not _plain(weight)
+            and weight.dtype == torch.float32
+            and weight.requires_grad
+            and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+        )
+        self.embedded = False  # an embedding of this pass will take the head's gradient
+        self.head_grad: torch.Tensor | None = None
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """`F.embedding(ids, weight)`."""
+        if not self.fast:
+            return F.embedding(ids, self.weight)
+        self.embedded = True
+        return _TiedEmbedding.apply(ids, self.weight, self)
+
+    def cross_entropy_sum(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`cross_entropy_sum(x @ weight.T, target)` for (n, d) x, in float32."""
+        if not self.fast or x.dtype != torch.float32:
+            return cross_entropy_sum(x @ self.weight.T, target)
+        return _LinearCrossEntropySum.apply(x, self.weight, target, self)

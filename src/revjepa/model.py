@@ -25,13 +25,7 @@ from transformers.utils import logging as hf_logging
 from .config import ModelConfig, ObjectiveConfig
 from .data import KIND_ID, Vocab
 from .errors import UserError
-from .fastpath import (
-    cross_entropy_sum,
-    dropout,
-    linear_cross_entropy_sum,
-    residual_dropout,
-    tied_embedding,
-)
+from .fastpath import TiedLMHead, cross_entropy_sum, dropout, residual_dropout
 
 hf_logging.set_verbosity_error()
 
@@ -107,17 +101,16 @@ def gpt2_hidden_states(
     mask: torch.Tensor,
     use_positions: bool,
     collect_layers: bool = False,
-    head_in_loss: bool = False,
+    tied: TiedLMHead | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run GPT-2's blocks with an explicit (R, T, T) boolean attention mask (True = attend).
 
     Returns the last block's output BEFORE the final LayerNorm and, if asked, every layer's
-    output (embeddings first), also before ln_f. `head_in_loss`: the caller's loss always
-    goes through the LM head too (a speed hint for the tied embedding's gradient).
+    output (embeddings first), also before ln_f. `tied`: look the tokens up through the
+    caller's TiedLMHead (whose loss will use the same matrix).
     """
     tr = lm.transformer
-    tied = lm.lm_head.weight is tr.wte.weight
-    h = tied_embedding(ids, tr.wte.weight, dense_grad_follows=head_in_loss and tied)
+    h = tr.wte(ids) if tied is None else tied.embed(ids)
     if use_positions:
         h = h + tr.wpe(pos)
     h = dropout(h, tr.drop.p, tr.drop.training)
@@ -343,6 +336,8 @@ class GPT2Jepa(LossFamily):
             tail = second
         ids = torch.cat([first, tail], 1)
         row_type = 1 - jepa_row
+        head = self.lm.lm_head.weight
+        tied = TiedLMHead(head) if head is self.lm.transformer.wte.weight else None
         h, layers = gpt2_hidden_states(
             self.lm,
             ids,
@@ -350,21 +345,20 @@ class GPT2Jepa(LossFamily):
             self.row_masks[row_type],
             self.model_cfg.position_embeddings,
             collect_layers=per_layer,
-            head_in_loss=True,  # ntp_sum below always uses the LM head
+            tied=tied,
         )
 
         # NTP: the E positions before each e2 token, for every item, in packing order.
         cols = start[:, None] + torch.arange(e + 1, 2 * e + 1, device=dev)
         targets = seq[order, e + 2 :]
-        head = self.lm.lm_head.weight
         ln_f = self.lm.transformer.ln_f
         scored = ln_f(h.flatten(0, 1)[cols])  # (B, E, d)
         want_logits = with_logits or per_layer  # a flag of the call, not of the data
-        if want_logits:
+        if want_logits or tied is None:
             logits = scored @ head.T  # (B, E, V)
             ntp_sum = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
         else:  # training: the (B * E, V) logits never leave the loss
-            ntp_sum = linear_cross_entropy_sum(scored.flatten(0, 1), head, targets.flatten())
+            ntp_sum = tied.cross_entropy_sum(scored.flatten(0, 1), targets.flatten())
         out = LossOutput(
             ntp_sum=ntp_sum,
             ntp_count=torch.full((), float(b * e), device=dev),  # a fill, not a blocking copy
