@@ -175,6 +175,25 @@ def test_tied_head_matches_the_plain_ops(embed):
     assert (23, 301) in fastpath._logits_buffers  # reused from step to step
 
 
+def test_tied_head_used_twice_in_one_loss_keeps_both_gradients():
+    w0, ids, target, mix = _head_case(4)
+    grads = []
+    for fast in (True, False):
+        w = w0.clone().requires_grad_()
+        tied = TiedLMHead(w)
+        e = tied.embed(ids) if fast else F.embedding(ids, w)
+        x = (mix @ e.flatten(0, 1)) * 2
+        if fast:
+            loss = tied.cross_entropy_sum(x, target) + tied.cross_entropy_sum(x * 0.5, target)
+        else:
+            loss = F.cross_entropy(x @ w.T, target, reduction="sum") + F.cross_entropy(
+                (x * 0.5) @ w.T, target, reduction="sum"
+            )
+        loss.backward()
+        grads.append(w.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
 def test_tied_embedding_without_the_head_gets_its_own_gradient():
     w0, ids, _, _ = _head_case(1)
     g = torch.randn(2, 3, 16)

@@ -129,8 +129,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_x = (prob @ weight).mul_(grad_loss) if ctx.needs_input_grad[0] else None
         grad_w = prob.T @ (x * grad_loss) if ctx.needs_input_grad[1] else None
         _logits_buffers[tuple(prob.shape)] = prob
-        if grad_w is not None and ctx.tie.embedded:
-            ctx.tie.head_grad, grad_w = grad_w, None  # the embedding's backward adds to it
+        tie = ctx.tie
+        if grad_w is not None and tie.embedded:  # the embedding's backward adds to it
+            tie.head_grad = grad_w if tie.head_grad is None else tie.head_grad.add_(grad_w)
+            grad_w = None
         return grad_x, grad_w, None, None
 
 
