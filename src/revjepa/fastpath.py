@@ -56,6 +56,20 @@ def residual_dropout(h: torch.Tensor, y: torch.Tensor, p: float, training: bool)
     return torch.addcmul(h, y, keep, value=scale)
 
 
+def _saved_once(ctx, what: str) -> tuple[torch.Tensor, ...]:
+    """The saved tensors of a cross-entropy backward that turns its saved softmax into the
+    gradient in place: a second backward through the same graph would be wrong, so refuse it."""
+    if ctx.used:
+        raise RuntimeError(f"{what}: backward through the graph a second time")
+    ctx.used = True
+    return ctx.saved_tensors
+
+
+def _minus_one_hot_(prob: torch.Tensor, target: torch.Tensor) -> None:
+    """softmax - one_hot(target), in place: the cross-entropy's gradient w.r.t. the logits."""
+    prob[torch.arange(prob.shape[0], device=prob.device), target] -= 1.0
+
+
 class _SoftmaxCrossEntropySum(torch.autograd.Function):
     """Sum of cross-entropies in two passes over the logits: the forward keeps the softmax
     (exp of the log-softmax, in place) for the backward, whose gradient is that softmax minus
@@ -73,12 +87,8 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        if ctx.used:  # the saved softmax became the gradient: a second backward would be wrong
-            raise RuntimeError("cross_entropy_sum: backward through the graph a second time")
-        ctx.used = True
-        prob, target = ctx.saved_tensors
-        rows = torch.arange(prob.shape[0], device=prob.device)
-        prob[rows, target] -= 1.0
+        prob, target = _saved_once(ctx, "cross_entropy_sum")
+        _minus_one_hot_(prob, target)
         return prob.mul_(grad_loss).to(ctx.in_dtype), None
 
 
@@ -120,12 +130,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        if ctx.used:  # the saved softmax became the gradient: a second backward would be wrong
-            raise RuntimeError("TiedLMHead.cross_entropy_sum: backward through the graph twice")
-        ctx.used = True
-        x, weight, prob, target = ctx.saved_tensors
-        rows = torch.arange(prob.shape[0], device=prob.device)
-        prob[rows, target] -= 1.0  # d(loss)/d(logits), still without the upstream factor
+        x, weight, prob, target = _saved_once(ctx, "TiedLMHead.cross_entropy_sum")
+        _minus_one_hot_(prob, target)  # d(loss)/d(logits), still without the upstream factor
         grad_x = (prob @ weight).mul_(grad_loss) if ctx.needs_input_grad[0] else None
         grad_w = prob.T @ (x * grad_loss) if ctx.needs_input_grad[1] else None
         _logits_buffers[tuple(prob.shape)] = prob
