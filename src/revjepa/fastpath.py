@@ -1,6 +1,8 @@
 """CPU fast paths for the eager training step, each checked against torch's own op in the tests.
 
 On CUDA, and under torch.compile (which fuses these ops itself), the plain torch ops are used.
+Attention and GELU use the C kernels of `cpu_kernels` (float32, no autocast) when they could
+be built on this machine.
 """
 
 from __future__ import annotations
@@ -8,29 +10,63 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
+
 
 def _plain(x: torch.Tensor) -> bool:
     return x.device.type != "cpu" or torch.compiler.is_compiling()
 
 
+def _kernels(x: torch.Tensor):
+    """The C kernels, if they apply to x (CPU float32, no autocast, outside torch.compile) and
+    were built."""
+    if _plain(x) or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return None
+    return cpu_kernels.library()
+
+
+def _c_args(*tensors: torch.Tensor | None) -> None:
+    """The C kernels read raw float32 memory: refuse anything else rather than read past it."""
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+            raise TypeError(f"C kernel argument must be contiguous float32, got {t.dtype}")
+
+
+def _uniform16(shape: tuple[int, ...]) -> torch.Tensor:
+    """int16 uniforms on [-32768, 32767], drawn from torch's CPU generator: by the C kernel
+    from one 64-bit seed drawn there (a counter-based generator, ~10x faster than torch's
+    Mersenne twister), else as int64 draws of torch's generator cut into four."""
+    n = 1
+    for size in shape:
+        n *= size
+    lib = cpu_kernels.library()
+    if lib is not None:
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)) % 2**64
+        out = torch.empty(shape, dtype=torch.int16)
+        lib.uniform16(seed, _ptr(out), n, torch.get_num_threads())
+        return out
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    return bits.view(torch.int16)[:n].view(shape)
+
+
+def _keep_threshold(p: float) -> tuple[int, float]:
+    """(t, scale): a uniform int16 r keeps its element when r < t, with probability
+    round((1 - p) * 2**16) / 2**16 (p rounded to 1/65536); kept values are scaled by the exact
+    inverse of that probability, so the output's expectation is the input, as with F.dropout."""
+    keep_count = round((1.0 - p) * 65536)
+    return keep_count - 32768, 65536.0 / max(keep_count, 1)
+
+
 def _keep_mask(
     x: torch.Tensor, p: float, dtype: torch.dtype = torch.bool
 ) -> tuple[torch.Tensor, float]:
-    """Keep-mask shaped like x (0/1 in `dtype`) and the scale of kept values.
-
-    `bernoulli_` draws one random number per element; here each int64 draw is cut into four
-    16-bit uniforms r, and an element is kept when r < round((1 - p) * 2**16). The keep
-    probability is that count / 2**16 (p rounded to 1/65536) and kept values are scaled by its
-    exact inverse, so the output's expectation is x, as with F.dropout.
-    """
-    keep_count = round((1.0 - p) * 65536)
-    n = x.numel()
-    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-    r = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+    """Keep-mask shaped like x (0/1 in `dtype`) and the scale of kept values: one 64-bit draw
+    per four elements where `bernoulli_` draws one per element (see `_keep_threshold`)."""
+    threshold, scale = _keep_threshold(p)
     # the comparison writes `dtype` directly: a bool mask converted afterwards is one more pass
     keep = torch.empty(x.shape, dtype=dtype)
-    torch.lt(r, keep_count - 32768, out=keep)
-    return keep, 65536.0 / max(keep_count, 1)
+    torch.lt(_uniform16(tuple(x.shape)), threshold, out=keep)
+    return keep, scale
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -119,11 +155,21 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         if buf is None:
             buf = torch.empty(shape, dtype=torch.float32)
         torch.mm(x, weight.T, out=buf)
-        # in place: ATen's last-dim kernel reads each row whole before writing it (a test
-        # pins the result against torch.log_softmax)
-        torch._log_softmax(buf, 1, False, out=buf)
-        loss = -buf.gather(1, target[:, None]).sum()
-        prob = buf.exp_()
+        lib = cpu_kernels.library()
+        if lib is not None:  # one C pass: softmax in place, per-row losses
+            target = target.long().contiguous()
+            if target.numel() and not 0 <= int(target.min()) <= int(target.max()) < shape[1]:
+                raise IndexError(f"cross-entropy target out of range [0, {shape[1]})")
+            rows = buf.new_empty(shape[0])
+            args = (_ptr(buf), _ptr(target), _ptr(rows), *shape, torch.get_num_threads())
+            lib.softmax_cross_entropy(*args)
+            loss, prob = rows.sum(), buf
+        else:
+            # in place: ATen's last-dim kernel reads each row whole before writing it (a test
+            # pins the result against torch.log_softmax)
+            torch._log_softmax(buf, 1, False, out=buf)
+            loss = -buf.gather(1, target[:, None]).sum()
+            prob = buf.exp_()
         ctx.save_for_backward(x, weight, prob, target)
         ctx.tie, ctx.used = tie, False
         return loss
@@ -197,3 +243,108 @@ class TiedLMHead:
         if not self.fast or x.dtype != torch.float32:
             return cross_entropy_sum(x @ self.weight.T, target)
         return _LinearCrossEntropySum.apply(x, self.weight, target, self)
+
+
+def _ptr(x: torch.Tensor | None) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+class _Attention(torch.autograd.Function):
+    """Multi-head attention with a boolean mask and dropout on the weights, from the packed
+    (R, T, 3d) c_attn output to the (R, T, d) input of c_proj, in one C pass each way."""
+
+    @staticmethod
+    def forward(ctx, qkv, mask, n_head: int, p: float):
+        lib = cpu_kernels.library()
+        rows, t, three_d = qkv.shape
+        hd = three_d // 3 // n_head
+        qkv, mask = qkv.contiguous(), mask.contiguous()
+        _c_args(qkv)
+        bits = _uniform16((rows, n_head, t, t)) if p > 0.0 else None
+        threshold, scale = _keep_threshold(p) if p > 0.0 else (0, 1.0)
+        prob = qkv.new_empty((rows, n_head, t, t))
+        y = qkv.new_empty((rows, t, three_d // 3))
+        args = (rows, t, n_head, hd, hd**-0.5, torch.get_num_threads())
+        lib.attention_forward(
+            _ptr(qkv), _ptr(mask), _ptr(bits), threshold, scale, _ptr(prob), _ptr(y), *args
+        )
+        ctx.save_for_backward(qkv, prob)
+        ctx.bits, ctx.threshold, ctx.scale, ctx.args = bits, threshold, scale, args
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        qkv, prob = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        _c_args(grad_y)
+        grad = torch.empty_like(qkv)
+        cpu_kernels.library().attention_backward(
+            _ptr(qkv),
+            _ptr(prob),
+            _ptr(ctx.bits),
+            ctx.threshold,
+            ctx.scale,
+            _ptr(grad_y),
+            _ptr(grad),
+            *ctx.args,
+        )
+        return grad, None, None, None
+
+
+def attention(
+    qkv: torch.Tensor, mask: torch.Tensor | None, n_head: int, p: float, training: bool
+) -> torch.Tensor:
+    """GPT-2's attention from the (R, T, 3d) c_attn output to the (R, T, d) input of c_proj:
+    `mask` (R or 1, 1, T, T) bool, True = attend (None: causal); dropout p on the attention
+    weights when training. `F.scaled_dot_product_attention` where the C kernel does not apply."""
+    rows, t, three_d = qkv.shape
+    p = p if training else 0.0
+    if _kernels(qkv) is not None and p < 1.0 and (mask is None or mask.dtype == torch.bool):
+        if mask is None:
+            mask = torch.ones(t, t, dtype=torch.bool).tril()
+        return _Attention.apply(qkv, mask.expand(rows, 1, t, t).reshape(rows, t, t), n_head, p)
+    d = three_d // 3
+    shape = (rows, t, n_head, d // n_head)
+    q, k, v = (x.view(shape).transpose(1, 2) for x in qkv.split(d, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=p, is_causal=mask is None)
+    return y.transpose(1, 2).reshape(rows, t, d)
+
+
+class _GeluBias(torch.autograd.Function):
+    """GPT-2's tanh-GELU of x + bias, (rows, cols), in one C pass each way; the backward
+    recomputes tanh from x and sums the bias gradient in the same pass."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        x = x.contiguous()
+        _c_args(x, bias)
+        y = torch.empty_like(x)
+        shape = (x.shape[0], x.shape[1], torch.get_num_threads())
+        cpu_kernels.library().gelu_forward(_ptr(x), _ptr(bias), _ptr(y), *shape)
+        ctx.save_for_backward(x, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, bias = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        _c_args(grad_y)
+        grad = torch.empty_like(x)
+        grad_bias = torch.empty_like(bias) if ctx.needs_input_grad[1] else None
+        shape = (x.shape[0], x.shape[1], torch.get_num_threads())
+        cpu_kernels.library().gelu_backward(
+            _ptr(x), _ptr(bias), _ptr(grad_y), _ptr(grad), _ptr(grad_bias), *shape
+        )
+        return grad, grad_bias
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(x @ weight + bias, approximate="tanh")` (GPT-2's c_fc, an HF Conv1D with its
+    (in, out) weight, then gelu_new). With the C kernel the GEMM writes no bias and the bias
+    gradient is summed in GELU's backward pass."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if _kernels(x) is None or bias.dtype != torch.float32:
+        y = F.gelu(torch.addmm(bias, x2, weight), approximate="tanh")
+    else:
+        y = _GeluBias.apply(x2 @ weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[1])

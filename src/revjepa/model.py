@@ -25,7 +25,14 @@ from transformers.utils import logging as hf_logging
 from .config import ModelConfig, ObjectiveConfig
 from .data import KIND_ID, Vocab
 from .errors import UserError
-from .fastpath import TiedLMHead, cross_entropy_sum, dropout, residual_dropout
+from .fastpath import (
+    TiedLMHead,
+    attention,
+    cross_entropy_sum,
+    dropout,
+    linear_gelu,
+    residual_dropout,
+)
 
 hf_logging.set_verbosity_error()
 
@@ -75,22 +82,13 @@ def gpt2_block(
     """One HF `GPT2Block` on h (R, T, d): causal attention when `attn_mask` is None, else the
     given boolean mask (R or 1, 1, T, T; True = attend). Same math as HF's block, fewer ops."""
     attn = block.attn
-    q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
-    shape = (h.shape[0], h.shape[1], attn.num_heads, attn.head_dim)
-    q, k, v = (x.view(shape).transpose(1, 2) for x in (q, k, v))
-    y = F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=attn_mask,
-        dropout_p=attn.attn_dropout.p if attn.training else 0.0,
-        is_causal=attn_mask is None,
+    y = attention(
+        attn.c_attn(block.ln_1(h)), attn_mask, attn.num_heads, attn.attn_dropout.p, attn.training
     )
-    y = y.transpose(1, 2).reshape(h.shape)
     h = residual_dropout(h, attn.c_proj(y), attn.resid_dropout.p, attn.training)
     mlp = block.mlp
-    # F.gelu(tanh) is GPT-2's "gelu_new" as one fused kernel (HF's version is 8 elementwise ops)
-    a = F.gelu(mlp.c_fc(block.ln_2(h)), approximate="tanh")
+    # c_fc, then GPT-2's "gelu_new" as one fused kernel (HF's version is 8 elementwise ops)
+    a = linear_gelu(block.ln_2(h), mlp.c_fc.weight, mlp.c_fc.bias)
     return residual_dropout(h, mlp.c_proj(a), mlp.dropout.p, mlp.training)
 
 

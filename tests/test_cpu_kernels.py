@@ -1,0 +1,273 @@
+"""The C kernels (attention, tanh-GELU with its bias, softmax cross-entropy, dropout draws)
+against float64 references written with plain torch ops, and the build: cache, fallback to
+torch ops, the switch that turns them off."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import revjepa.cpu_kernels as cpu_kernels
+import revjepa.fastpath as fastpath
+from revjepa.fastpath import TiedLMHead, attention, linear_gelu
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels.library() is None, reason="no C compiler: the kernels could not be built"
+)
+
+
+def _gelu64(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's gelu_new, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), in float64
+    as x * sigmoid(2u): the same function, without the cancellation of 1 + tanh(u) for u << 0
+    (which float64 suffers too, from u ~ -18)."""
+    x = x.double()
+    return x * torch.sigmoid(2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))
+
+
+# ----------------------------------------------------------------------------- GELU
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """gelu(x) through linear_gelu: x as a column times a weight of 1 plus a bias of 0 (exact)."""
+    one, zero = torch.ones(1, 1, dtype=x.dtype), torch.zeros(1, dtype=x.dtype)
+    return linear_gelu(x[:, None], one, zero)[:, 0]
+
+
+@needs_kernels
+def test_gelu_forward_and_backward_match_float64_within_a_few_ulps():
+    x = torch.cat([torch.linspace(-12.0, 12.0, 40_001), torch.randn(100_000) * 3]).requires_grad_()
+    y = gelu_tanh(x)
+    g = torch.randn_like(x)
+    y.backward(g)
+    x64 = x.detach().double().requires_grad_()
+    y64 = _gelu64(x64)
+    y64.backward(g.double())
+    # errors measured in units of the float32 spacing at each value (floor: the smallest normal)
+    ulp_y = torch.finfo(torch.float32).eps * y64.detach().abs().clamp_min(1.0)
+    ulp_g = torch.finfo(torch.float32).eps * x64.grad.abs().clamp_min(1.0)
+    assert ((y.double() - y64.detach()).abs() / ulp_y).max() < 4
+    assert ((x.grad.double() - x64.grad).abs() / ulp_g).max() < 4
+    # the far negative tail, where 1 + tanh underflows if computed from tanh: relative error
+    tail = (x.detach() < -4) & (y64.detach().abs() > 1e-30)
+    rel = ((y.double() - y64.detach()) / y64.detach())[tail].abs().max()
+    assert rel < 2e-5  # float32's own: the error of u, times |2u| ~ 100
+
+
+@needs_kernels
+def test_gelu_hand_values():
+    x = torch.tensor([0.0, 1.0, -1.0, 3.0], requires_grad=True)
+    # 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))) by hand for x = 1: tanh(0.8333) = 0.68238
+    y = gelu_tanh(x)
+    assert y.tolist() == pytest.approx([0.0, 0.8411920, -0.1588080, 2.9963627], abs=2e-6)
+    y.sum().backward()
+    assert x.grad[0].item() == pytest.approx(0.5, abs=1e-7)  # slope at 0 is exactly 1/2
+
+
+@needs_kernels
+def test_linear_gelu_gradients_of_input_weight_and_bias_match_float64():
+    torch.manual_seed(3)
+    x = torch.randn(37, 16, requires_grad=True)
+    w = (torch.randn(16, 24) / 4).requires_grad_()
+    b = torch.randn(24, requires_grad=True)
+    g = torch.randn(37, 24)
+    linear_gelu(x, w, b).backward(g)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    x64, w64, b64 = leaves64
+    y64 = _gelu64(x64 @ w64 + b64)
+    y64.backward(g.double())
+    y = linear_gelu(x, w, b)
+    assert torch.allclose(y.double(), y64, atol=1e-6, rtol=1e-6)
+    for ours, ref in zip((x, w, b), leaves64):
+        assert torch.allclose(ours.grad.double(), ref.grad, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _attention64(qkv, mask, n_head, keep=None):
+    """Masked multi-head attention with explicit ops in float64; keep (R, H, T, T) multiplies
+    the softmax weights (dropout with a given mask and scale)."""
+    r, t, three_d = qkv.shape
+    d = three_d // 3
+    hd = d // n_head
+    q, k, v = (x.reshape(r, t, n_head, hd).transpose(1, 2) for x in qkv.double().split(d, 2))
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    w = torch.softmax(s, -1).nan_to_num(0.0)  # a query with nothing to attend to: zeros
+    if keep is not None:
+        w = w * keep
+    return (w @ v).transpose(1, 2).reshape(r, t, d)
+
+
+def _block_mask(rows: int, t: int, split: int) -> torch.Tensor:
+    seg = torch.tensor([0] * split + [1] * (t - split))
+    m = (seg[:, None] == seg[None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+    return m.expand(rows, t, t).clone()
+
+
+def _grads(fn, qkv, g):
+    x = qkv.clone().requires_grad_()
+    y = fn(x)
+    y.backward(g.to(y.dtype))
+    return y.detach().double(), x.grad.double()
+
+
+@needs_kernels
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_attention_matches_float64_reference_with_the_same_dropout_draw(p):
+    torch.manual_seed(0)
+    rows, t, heads, hd = 9, 13, 4, 16
+    qkv = torch.randn(rows, t, 3 * heads * hd)
+    mask = _block_mask(rows, t, 7)
+    g = torch.randn(rows, t, heads * hd)
+    torch.manual_seed(5)
+    y, grad = _grads(lambda x: attention(x, mask[:, None], heads, p, True), qkv, g)
+    keep = None
+    if p > 0:
+        torch.manual_seed(5)  # the kernel's draw is the first use of the generator
+        threshold, scale = fastpath._keep_threshold(p)
+        keep = (fastpath._uniform16((rows, heads, t, t)) < threshold).double() * scale
+        share = (keep > 0).double().mean().item()
+        assert abs(share - (1 - p)) < 0.02
+    y64, grad64 = _grads(lambda x: _attention64(x, mask, heads, keep), qkv.double(), g)
+    assert torch.allclose(y, y64, atol=2e-6, rtol=1e-5)
+    assert torch.allclose(grad, grad64, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernels
+def test_attention_equals_sdpa_causal_and_eval_paths(monkeypatch):
+    torch.manual_seed(1)
+    rows, t, heads = 5, 11, 2
+    qkv = torch.randn(rows, t, 3 * 2 * 8)
+    g = torch.randn(rows, t, 16)
+    fast = _grads(lambda x: attention(x, None, heads, 0.1, False), qkv, g)
+    monkeypatch.setattr(fastpath, "_kernels", lambda x: None)
+    plain = _grads(lambda x: attention(x, None, heads, 0.1, False), qkv, g)
+    for a, b in zip(fast, plain):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@needs_kernels
+def test_attention_query_with_nothing_to_attend_gets_zeros_not_nan():
+    rows, t, heads = 2, 4, 1
+    qkv = torch.randn(rows, t, 3 * 8)
+    mask = torch.ones(rows, t, t, dtype=torch.bool).tril()
+    mask[1, 2] = False  # row 1, query 2 sees nothing
+    y, grad = _grads(
+        lambda x: attention(x, mask[:, None], heads, 0.0, True), qkv, torch.ones(2, 4, 8)
+    )
+    assert torch.isfinite(grad).all()
+    assert torch.equal(y[1, 2], torch.zeros(8, dtype=torch.float64))
+    assert torch.equal(grad[1, 2, :8], torch.zeros(8, dtype=torch.float64))  # its q gets nothing
+    y64, grad64 = _grads(lambda x: _attention64(x, mask, heads), qkv.double(), torch.ones(2, 4, 8))
+    assert torch.allclose(y, y64, atol=2e-6) and torch.allclose(grad, grad64, atol=2e-6)
+
+
+def test_other_dtypes_and_autocast_take_torch_ops():
+    qkv = torch.randn(3, 5, 24, dtype=torch.float64)
+    assert fastpath._kernels(qkv) is None
+    assert fastpath._kernels(qkv.bfloat16()) is None
+    y = attention(qkv, None, 2, 0.0, True)
+    assert y.dtype == torch.float64
+    assert torch.allclose(y, _attention64(qkv, torch.ones(3, 5, 5, dtype=torch.bool).tril(), 2))
+    x = torch.randn(10, dtype=torch.float64)
+    assert torch.allclose(gelu_tanh(x), _gelu64(x))
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+@needs_kernels
+def test_tied_head_cross_entropy_matches_float64_softmax():
+    torch.manual_seed(4)
+    x = (torch.randn(33, 8) * 3).requires_grad_()
+    w = torch.randn(500, 8, requires_grad=True)
+    target = torch.randint(0, 500, (33,))
+    loss = TiedLMHead(w).cross_entropy_sum(x, target)
+    loss.backward(torch.tensor(0.5))
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = F.cross_entropy(x64 @ w64.T, target, reduction="sum")
+    ref.backward(torch.tensor(0.5, dtype=torch.float64))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(x.grad.double(), x64.grad, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(w.grad.double(), w64.grad, atol=1e-6, rtol=1e-5)
+    with pytest.raises(IndexError, match="out of range"):
+        TiedLMHead(w).cross_entropy_sum(x, torch.full((33,), 500))
+
+
+# ----------------------------------------------------------------------------- dropout draws
+
+
+@needs_kernels
+def test_uniform16_is_uniform_seeded_and_independent_of_threads():
+    torch.manual_seed(7)
+    a = fastpath._uniform16((1_000_003,))
+    torch.manual_seed(7)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = fastpath._uniform16((1_000_003,))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b)  # same seed, any thread count: the same draws
+    assert not torch.equal(a, fastpath._uniform16((1_000_003,)))  # the next draw differs
+    counts = torch.bincount((a.long() + 32768) >> 12, minlength=16).double()  # 16 bins
+    expected = a.numel() / 16
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 50  # 15 degrees of freedom: p ~ 1e-5
+    assert abs(a.double().mean().item() + 0.5) < 60  # mean of [-32768, 32767] is -0.5
+    # neighbours are not correlated (the four int16 of one word, and across words)
+    c = a.double() - a.double().mean()
+    for lag in (1, 4, 5):
+        corr = (c[:-lag] * c[lag:]).mean() / c.var()
+        assert abs(corr.item()) < 0.01
+
+
+# ----------------------------------------------------------------------------- build
+
+
+@needs_kernels
+def test_build_is_cached_by_content(tmp_path, monkeypatch):
+    compiler = cpu_kernels._compiler()
+    first = cpu_kernels.build(compiler, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels.build(compiler, tmp_path) == first
+    assert first.stat().st_mtime_ns == stamp  # not rebuilt
+    monkeypatch.setattr(cpu_kernels, "COMPILE_FLAGS", [*cpu_kernels.COMPILE_FLAGS, "-DREBUILD"])
+    assert cpu_kernels.build(compiler, tmp_path) != first
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so", ".so"]  # no temporary left
+
+
+_FALLBACK = """
+import torch, torch.nn.functional as F
+from revjepa import cpu_kernels, fastpath
+assert cpu_kernels.library() is None and cpu_kernels.library() is None
+x = torch.randn(4, 6, 3 * 8)
+y = fastpath.attention(x, None, 2, 0.0, True)
+q, k, v = (t.view(4, 6, 2, 4).transpose(1, 2) for t in x.split(8, 2))
+ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(4, 6, 8)
+assert torch.equal(y, ref)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("env", [{"CC": "/bin/false"}, {"REVJEPA_CPU_KERNELS": "0"}])
+def test_without_kernels_torch_ops_run_and_say_so_once(tmp_path, env):
+    full = {**os.environ, "REVJEPA_KERNEL_CACHE": str(tmp_path), **env}
+    out = subprocess.run(
+        [sys.executable, "-c", _FALLBACK], env=full, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("revjepa:")]
+    if "CC" in env:  # a failed build is reported once, in one line
+        assert len(lines) == 1 and "CPU kernels not built" in lines[0]
+    else:  # turned off on purpose: nothing to report
+        assert lines == []
+    assert list(tmp_path.iterdir()) == []
