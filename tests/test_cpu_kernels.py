@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import revjepa.cpu_kernels as cpu_kernels
 import revjepa.fastpath as fastpath
-from revjepa.fastpath import TiedLMHead, attention, linear_gelu
+from revjepa.fastpath import TiedLMHead, attention, linear_gelu, residual_linear_dropout
 
 needs_kernels = pytest.mark.skipif(
     cpu_kernels.library() is None, reason="no C compiler: the kernels could not be built"
@@ -85,6 +85,30 @@ def test_linear_gelu_gradients_of_input_weight_and_bias_match_float64():
     assert torch.allclose(y.double(), y64, atol=1e-6, rtol=1e-6)
     for ours, ref in zip((x, w, b), leaves64):
         assert torch.allclose(ours.grad.double(), ref.grad, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("p", "training"), [(0.0, True), (0.3, True), (0.3, False)])
+def test_residual_linear_dropout_matches_float64_with_the_same_draw(p, training):
+    torch.manual_seed(6)
+    leaves = [torch.randn(5, 7, 24), torch.randn(5, 7, 16), torch.randn(16, 24), torch.randn(24)]
+    h, x, w, b = (t.requires_grad_() for t in leaves)
+    g = torch.randn(5, 7, 24)
+    torch.manual_seed(9)
+    out = residual_linear_dropout(h, x, w, b, p, training)
+    out.backward(g)
+    keep = torch.ones(35, 24, dtype=torch.float64)
+    if p > 0 and training:
+        torch.manual_seed(9)  # the mask is the kernel's first draw
+        threshold, scale = fastpath._keep_threshold(p)
+        keep = (fastpath._uniform16((35, 24)) < threshold).double() * scale
+        assert 0.6 < (keep > 0).double().mean().item() < 0.8
+    h64, x64, w64, b64 = (t.detach().double().requires_grad_() for t in leaves)
+    ref = h64 + (keep * (x64.reshape(35, 16) @ w64 + b64)).view(5, 7, 24)
+    ref.backward(g.double())
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    for ours, theirs in zip((h, x, w, b), (h64, x64, w64, b64)):
+        assert torch.allclose(ours.grad.double(), theirs.grad, atol=1e-5), ours.shape
 
 
 # ----------------------------------------------------------------------------- attention

@@ -283,3 +283,51 @@ void softmax_cross_entropy(float *logits, const int64_t *target, float *loss, in
         loss[i] = logf(total) - picked;
     }
 }
+
+/* ------------------------------------------------------------------ residual + bias + dropout
+ * out = h + keep * scale * (x + b) for h, x (rows, cols), b (cols): a residual branch after its
+ * output projection (GPT-2's c_proj, whose GEMM then writes no bias). bits (rows, cols) int16
+ * uniforms as in the attention, or NULL for no dropout. */
+void residual_forward(const float *h, const float *x, const float *b, const int16_t *bits,
+                      int32_t keep_below, float drop_scale, float *out, int64_t rows,
+                      int64_t cols, int32_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t o = r * cols;
+        if (bits) {
+#pragma omp simd
+            for (int64_t c = 0; c < cols; c++)
+                out[o + c] = h[o + c] + (bits[o + c] < keep_below ? drop_scale : 0.0f) *
+                                            (x[o + c] + b[c]);
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < cols; c++) out[o + c] = h[o + c] + (x[o + c] + b[c]);
+        }
+    }
+}
+
+/* dx = keep * scale * dout (dx may be NULL when bits is NULL: then dx is dout itself), and
+ * db = the column sums of dx, each thread owning a range of columns (as gelu_backward). */
+void residual_backward(const float *dout, const int16_t *bits, int32_t keep_below,
+                       float drop_scale, float *dx, float *db, int64_t rows, int64_t cols,
+                       int32_t threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t c0 = cols * t / nt, c1 = cols * (t + 1) / nt;
+        for (int64_t c = c0; c < c1; c++) db[c] = 0.0f;
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t o = r * cols;
+            if (bits) {
+#pragma omp simd
+                for (int64_t c = c0; c < c1; c++) {
+                    dx[o + c] = (bits[o + c] < keep_below ? drop_scale : 0.0f) * dout[o + c];
+                    db[c] += dx[o + c];
+                }
+            } else {
+#pragma omp simd
+                for (int64_t c = c0; c < c1; c++) db[c] += dout[o + c];
+            }
+        }
+    }
+}

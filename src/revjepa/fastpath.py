@@ -348,3 +348,56 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     else:
         y = _GeluBias.apply(x2 @ weight, bias)
     return y.view(*x.shape[:-1], weight.shape[1])
+
+
+class _ResidualBiasDropout(torch.autograd.Function):
+    """h + dropout(x + bias) for (rows, cols) h and x, in one C pass each way; the backward
+    sums the bias gradient in the same pass."""
+
+    @staticmethod
+    def forward(ctx, h, x, bias, p: float):
+        _c_args(h, x, bias)
+        rows, cols = x.shape
+        bits = _uniform16((rows, cols)) if p > 0.0 else None
+        threshold, scale = _keep_threshold(p) if p > 0.0 else (0, 1.0)
+        out = torch.empty_like(h)
+        cpu_kernels.library().residual_forward(
+            _ptr(h), _ptr(x), _ptr(bias), _ptr(bits), threshold, scale, _ptr(out),
+            rows, cols, torch.get_num_threads(),
+        )  # fmt: skip
+        ctx.bits, ctx.threshold, ctx.scale = bits, threshold, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_out = grad_out.contiguous()
+        _c_args(grad_out)
+        rows, cols = grad_out.shape
+        grad_x = grad_out if ctx.bits is None else torch.empty_like(grad_out)
+        grad_bias = grad_out.new_empty(cols)
+        cpu_kernels.library().residual_backward(
+            _ptr(grad_out), _ptr(ctx.bits), ctx.threshold, ctx.scale,
+            0 if ctx.bits is None else _ptr(grad_x), _ptr(grad_bias),
+            rows, cols, torch.get_num_threads(),
+        )  # fmt: skip
+        return grad_out, grad_x, grad_bias, None
+
+
+def residual_linear_dropout(
+    h: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    p: float,
+    training: bool,
+) -> torch.Tensor:
+    """`h + F.dropout(x @ weight + bias, p)`: a residual branch through GPT-2's c_proj (an HF
+    Conv1D with its (in, out) weight). With the C kernel the GEMM writes no bias, and the add,
+    the bias, the dropout mask and the bias gradient are one pass each way."""
+    x2 = x.reshape(-1, x.shape[-1])
+    p = p if training else 0.0
+    if _kernels(x) is None or h.dtype != torch.float32 or bias.dtype != torch.float32 or p >= 1:
+        y = torch.addmm(bias, x2, weight).view(h.shape)
+        return residual_dropout(h, y, p, p > 0.0)
+    out = _ResidualBiasDropout.apply(h.reshape(x2.shape[0], -1), x2 @ weight, bias, p)
+    return out.view(h.shape)

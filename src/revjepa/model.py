@@ -31,7 +31,7 @@ from .fastpath import (
     cross_entropy_sum,
     dropout,
     linear_gelu,
-    residual_dropout,
+    residual_linear_dropout,
 )
 
 hf_logging.set_verbosity_error()
@@ -85,11 +85,13 @@ def gpt2_block(
     y = attention(
         attn.c_attn(block.ln_1(h)), attn_mask, attn.num_heads, attn.attn_dropout.p, attn.training
     )
-    h = residual_dropout(h, attn.c_proj(y), attn.resid_dropout.p, attn.training)
+    c_proj, p = attn.c_proj, attn.resid_dropout.p
+    h = residual_linear_dropout(h, y, c_proj.weight, c_proj.bias, p, attn.training)
     mlp = block.mlp
     # c_fc, then GPT-2's "gelu_new" as one fused kernel (HF's version is 8 elementwise ops)
     a = linear_gelu(block.ln_2(h), mlp.c_fc.weight, mlp.c_fc.bias)
-    return residual_dropout(h, mlp.c_proj(a), mlp.dropout.p, mlp.training)
+    c_proj, p = mlp.c_proj, mlp.dropout.p
+    return residual_linear_dropout(h, a, c_proj.weight, c_proj.bias, p, mlp.training)
 
 
 def gpt2_hidden_states(
