@@ -196,7 +196,9 @@ def test_attention_query_with_nothing_to_attend_gets_zeros_not_nan():
 def test_other_dtypes_and_autocast_take_torch_ops():
     qkv = torch.randn(3, 5, 24, dtype=torch.float64)
     assert fastpath._kernels(qkv) is None
-    assert fastpath._kernels(qkv.bfloat16()) is None
+    assert fastpath._kernels(qkv.bfloat16()) is None  # bf16 outside autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 GEMM output under autocast
+        assert fastpath._kernels(qkv.bfloat16()) is cpu_kernels.library()
     y = attention(qkv, None, 2, 0.0, True)
     assert y.dtype == torch.float64
     assert torch.allclose(y, _attention64(qkv, torch.ones(3, 5, 5, dtype=torch.bool).tril(), 2))

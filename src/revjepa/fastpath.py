@@ -18,11 +18,14 @@ def _plain(x: torch.Tensor) -> bool:
 
 
 def _kernels(x: torch.Tensor):
-    """The C kernels, if they apply to x (CPU float32, no autocast, outside torch.compile) and
-    were built."""
-    if _plain(x) or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    """The C kernels, if they apply to x and were built: on the CPU outside torch.compile, x in
+    float32, or in bf16 under autocast (a bf16 GEMM's output: the kernel then takes it in
+    float32, one conversion pass, and computes in float32)."""
+    if _plain(x):
         return None
-    return cpu_kernels.library()
+    if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")):
+        return cpu_kernels.library()
+    return None
 
 
 def _c_args(*tensors: torch.Tensor | None) -> None:
@@ -106,6 +109,19 @@ def _minus_one_hot_(prob: torch.Tensor, target: torch.Tensor) -> None:
     prob[torch.arange(prob.shape[0], device=prob.device), target] -= 1.0
 
 
+def _softmax_cross_entropy_(lib, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropies of (n, V) float32 logits, which become their softmax in place
+    (one C pass: each row stays in cache between its max, exp and scaling)."""
+    _c_args(logits)
+    n, v = logits.shape
+    target = target.long().contiguous()
+    if target.numel() and not 0 <= int(target.min()) <= int(target.max()) < v:
+        raise IndexError(f"cross-entropy target out of range [0, {v})")
+    rows = logits.new_empty(n)
+    lib.softmax_cross_entropy(_ptr(logits), _ptr(target), _ptr(rows), n, v, torch.get_num_threads())
+    return rows.sum()
+
+
 class _SoftmaxCrossEntropySum(torch.autograd.Function):
     """Sum of cross-entropies in two passes over the logits: the forward keeps the softmax
     (exp of the log-softmax, in place) for the backward, whose gradient is that softmax minus
@@ -113,9 +129,14 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits.float(), 1)  # a new tensor: the caller's logits stay
-        loss = -logp.gather(1, target[:, None]).sum()
-        prob = logp.exp_()
+        lib = cpu_kernels.library()
+        if lib is not None:  # one C pass over a float32 copy: the caller's logits stay
+            prob = logits.to(torch.float32, copy=True).contiguous()
+            loss = _softmax_cross_entropy_(lib, prob, target)
+        else:
+            logp = torch.log_softmax(logits.float(), 1)  # a new tensor, as above
+            loss = -logp.gather(1, target[:, None]).sum()
+            prob = logp.exp_()
         ctx.save_for_backward(prob, target)
         ctx.in_dtype = logits.dtype
         ctx.used = False
@@ -156,14 +177,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             buf = torch.empty(shape, dtype=torch.float32)
         torch.mm(x, weight.T, out=buf)
         lib = cpu_kernels.library()
-        if lib is not None:  # one C pass: softmax in place, per-row losses
-            target = target.long().contiguous()
-            if target.numel() and not 0 <= int(target.min()) <= int(target.max()) < shape[1]:
-                raise IndexError(f"cross-entropy target out of range [0, {shape[1]})")
-            rows = buf.new_empty(shape[0])
-            args = (_ptr(buf), _ptr(target), _ptr(rows), *shape, torch.get_num_threads())
-            lib.softmax_cross_entropy(*args)
-            loss, prob = rows.sum(), buf
+        if lib is not None:
+            loss, prob = _softmax_cross_entropy_(lib, buf, target), buf
         else:
             # in place: ATen's last-dim kernel reads each row whole before writing it (a test
             # pins the result against torch.log_softmax)
@@ -302,7 +317,8 @@ def attention(
     if _kernels(qkv) is not None and p < 1.0 and (mask is None or mask.dtype == torch.bool):
         if mask is None:
             mask = torch.ones(t, t, dtype=torch.bool).tril()
-        return _Attention.apply(qkv, mask.expand(rows, 1, t, t).reshape(rows, t, t), n_head, p)
+        mask = mask.expand(rows, 1, t, t).reshape(rows, t, t)
+        return _Attention.apply(qkv.float(), mask, n_head, p)
     d = three_d // 3
     shape = (rows, t, n_head, d // n_head)
     q, k, v = (x.view(shape).transpose(1, 2) for x in qkv.split(d, dim=2))
@@ -345,8 +361,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     x2 = x.reshape(-1, x.shape[-1])
     if _kernels(x) is None or bias.dtype != torch.float32:
         y = F.gelu(torch.addmm(bias, x2, weight), approximate="tanh")
-    else:
-        y = _GeluBias.apply(x2 @ weight, bias)
+    else:  # x @ weight is bf16 under autocast
+        y = _GeluBias.apply((x2 @ weight).float(), bias)
     return y.view(*x.shape[:-1], weight.shape[1])
 
 
@@ -399,5 +415,6 @@ def residual_linear_dropout(
     if _kernels(x) is None or h.dtype != torch.float32 or bias.dtype != torch.float32 or p >= 1:
         y = torch.addmm(bias, x2, weight).view(h.shape)
         return residual_dropout(h, y, p, p > 0.0)
-    out = _ResidualBiasDropout.apply(h.reshape(x2.shape[0], -1), x2 @ weight, bias, p)
+    pre = (x2 @ weight).float()  # bf16 under autocast
+    out = _ResidualBiasDropout.apply(h.reshape(x2.shape[0], -1), pre, bias, p)
     return out.view(h.shape)
