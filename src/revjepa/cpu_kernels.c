@@ -204,31 +204,48 @@ void gelu_forward(const float *x, const float *b, float *y, int64_t rows, int64_
     }
 }
 
-/* dx = dy * gelu'(x + b); db (cols) = the column sums of dx, when not NULL. Each thread owns a
- * range of columns over all rows, so db needs no reduction across threads and its sums have
- * a fixed order whatever the number of threads. */
+/* Column sums of a (rows, cols) matrix that a parallel region writes row by row: thread t of
+ * nt sums its rows [r0, r1) into partial[t] (cols floats), then the threads add the partials
+ * up by columns, in thread order. Threads own whole rows, so each streams through
+ * contiguous memory (owning columns instead made every thread read half of each row). */
+#define ROW_RANGE(rows, t, nt, r0, r1)                                                         \
+    const int64_t r0 = (rows) * (t) / (nt), r1 = (rows) * ((t) + 1) / (nt)
+
+static void reduce_partials(const float *partial, float *db, int64_t cols, int64_t t,
+                            int64_t nt) {
+#pragma omp barrier
+    const int64_t c0 = cols * t / nt, c1 = cols * (t + 1) / nt;
+    for (int64_t c = c0; c < c1; c++) db[c] = 0.0f;
+    for (int64_t u = 0; u < nt; u++)
+#pragma omp simd
+        for (int64_t c = c0; c < c1; c++) db[c] += partial[u * cols + c];
+}
+
+/* dx = dy * gelu'(x + b); db (cols) = the column sums of dx, when not NULL (partial: threads x
+ * cols floats of scratch, see reduce_partials). */
 void gelu_backward(const float *x, const float *b, const float *dy, float *dx, float *db,
-                   int64_t rows, int64_t cols, int32_t threads) {
+                   float *partial, int64_t rows, int64_t cols, int32_t threads) {
 #pragma omp parallel num_threads(threads)
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t c0 = cols * t / nt, c1 = cols * (t + 1) / nt;
-        if (db)
-            for (int64_t c = c0; c < c1; c++) db[c] = 0.0f;
-        for (int64_t r = 0; r < rows; r++) {
+        ROW_RANGE(rows, t, nt, r0, r1);
+        float *acc = partial ? partial + t * cols : NULL;
+        if (acc) memset(acc, 0, (size_t)cols * sizeof(float));
+        for (int64_t r = r0; r < r1; r++) {
             const float *xr = x + r * cols, *gr = dy + r * cols;
             float *dr = dx + r * cols;
             if (b) {
 #pragma omp simd
-                for (int64_t c = c0; c < c1; c++) dr[c] = gelu_grad(xr[c] + b[c], gr[c]);
+                for (int64_t c = 0; c < cols; c++) dr[c] = gelu_grad(xr[c] + b[c], gr[c]);
             } else {
 #pragma omp simd
-                for (int64_t c = c0; c < c1; c++) dr[c] = gelu_grad(xr[c], gr[c]);
+                for (int64_t c = 0; c < cols; c++) dr[c] = gelu_grad(xr[c], gr[c]);
             }
-            if (db)
+            if (acc)
 #pragma omp simd
-                for (int64_t c = c0; c < c1; c++) db[c] += dr[c];
+                for (int64_t c = 0; c < cols; c++) acc[c] += dr[c];
         }
+        if (db) reduce_partials(partial, db, cols, t, nt);
     }
 }
 
@@ -307,27 +324,29 @@ void residual_forward(const float *h, const float *x, const float *b, const int1
 }
 
 /* dx = keep * scale * dout (dx may be NULL when bits is NULL: then dx is dout itself), and
- * db = the column sums of dx, each thread owning a range of columns (as gelu_backward). */
+ * db = the column sums of dx (partial: threads x cols floats of scratch, see reduce_partials). */
 void residual_backward(const float *dout, const int16_t *bits, int32_t keep_below,
-                       float drop_scale, float *dx, float *db, int64_t rows, int64_t cols,
-                       int32_t threads) {
+                       float drop_scale, float *dx, float *db, float *partial, int64_t rows,
+                       int64_t cols, int32_t threads) {
 #pragma omp parallel num_threads(threads)
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t c0 = cols * t / nt, c1 = cols * (t + 1) / nt;
-        for (int64_t c = c0; c < c1; c++) db[c] = 0.0f;
-        for (int64_t r = 0; r < rows; r++) {
+        ROW_RANGE(rows, t, nt, r0, r1);
+        float *acc = partial + t * cols;
+        memset(acc, 0, (size_t)cols * sizeof(float));
+        for (int64_t r = r0; r < r1; r++) {
             const int64_t o = r * cols;
             if (bits) {
 #pragma omp simd
-                for (int64_t c = c0; c < c1; c++) {
+                for (int64_t c = 0; c < cols; c++) {
                     dx[o + c] = (bits[o + c] < keep_below ? drop_scale : 0.0f) * dout[o + c];
-                    db[c] += dx[o + c];
+                    acc[c] += dx[o + c];
                 }
             } else {
 #pragma omp simd
-                for (int64_t c = c0; c < c1; c++) db[c] += dout[o + c];
+                for (int64_t c = 0; c < cols; c++) acc[c] += dout[o + c];
             }
         }
+        reduce_partials(partial, db, cols, t, nt);
     }
 }

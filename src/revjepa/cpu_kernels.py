@@ -33,11 +33,11 @@ _SIGNATURES = {
     "attention_forward": [_P, _P, _P, _I32, _F, _P, _P, _I64, _I64, _I64, _I64, _F, _I32],
     "attention_backward": [_P, _P, _P, _I32, _F, _P, _P, _I64, _I64, _I64, _I64, _F, _I32],
     "gelu_forward": [_P, _P, _P, _I64, _I64, _I32],
-    "gelu_backward": [_P, _P, _P, _P, _P, _I64, _I64, _I32],
+    "gelu_backward": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32],
     "uniform16": [ctypes.c_uint64, _P, _I64, _I32],
     "softmax_cross_entropy": [_P, _P, _P, _I64, _I64, _I32],
     "residual_forward": [_P, _P, _P, _P, _I32, _F, _P, _I64, _I64, _I32],
-    "residual_backward": [_P, _P, _I32, _F, _P, _P, _I64, _I64, _I32],
+    "residual_backward": [_P, _P, _I32, _F, _P, _P, _P, _I64, _I64, _I32],
 }
 
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried

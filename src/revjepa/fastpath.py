@@ -346,11 +346,14 @@ class _GeluBias(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         _c_args(grad_y)
         grad = torch.empty_like(x)
-        grad_bias = torch.empty_like(bias) if ctx.needs_input_grad[1] else None
-        shape = (x.shape[0], x.shape[1], torch.get_num_threads())
+        grad_bias, partial = None, None
+        threads = torch.get_num_threads()
+        if ctx.needs_input_grad[1]:
+            grad_bias, partial = bias.new_empty(x.shape[1]), bias.new_empty(threads, x.shape[1])
         cpu_kernels.library().gelu_backward(
-            _ptr(x), _ptr(bias), _ptr(grad_y), _ptr(grad), _ptr(grad_bias), *shape
-        )
+            _ptr(x), _ptr(bias), _ptr(grad_y), _ptr(grad), _ptr(grad_bias), _ptr(partial),
+            x.shape[0], x.shape[1], threads,
+        )  # fmt: skip
         return grad, grad_bias
 
 
@@ -390,11 +393,12 @@ class _ResidualBiasDropout(torch.autograd.Function):
         _c_args(grad_out)
         rows, cols = grad_out.shape
         grad_x = grad_out if ctx.bits is None else torch.empty_like(grad_out)
-        grad_bias = grad_out.new_empty(cols)
+        threads = torch.get_num_threads()
+        grad_bias, partial = grad_out.new_empty(cols), grad_out.new_empty(threads, cols)
         cpu_kernels.library().residual_backward(
             _ptr(grad_out), _ptr(ctx.bits), ctx.threshold, ctx.scale,
-            0 if ctx.bits is None else _ptr(grad_x), _ptr(grad_bias),
-            rows, cols, torch.get_num_threads(),
+            0 if ctx.bits is None else _ptr(grad_x), _ptr(grad_bias), _ptr(partial),
+            rows, cols, threads,
         )  # fmt: skip
         return grad_out, grad_x, grad_bias, None
 
