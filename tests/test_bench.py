@@ -7,6 +7,7 @@ import math
 
 import torch
 
+import revjepa.cpu_kernels as cpu_kernels
 from revjepa.bench import batch_shape, train_step_flops
 from revjepa.cli import main
 from revjepa.data import KIND_ID
@@ -46,6 +47,10 @@ def test_bench_quick_writes_results(tmp_path, capsys):
     for key in ("date", "torch", "cpu_model", "threads", "config", "results"):
         assert key in report
     assert report["threads"] >= 1 and report["config"]["quick"] is True
+    # which step ran: the C kernels' library file, or None for torch ops (said in the table)
+    lib = cpu_kernels.library()
+    assert report["cpu_kernels"] == (None if lib is None else lib._name)
+    assert f"CPU C kernels: {'on' if lib is not None else 'off (torch ops)'}" in printed
     r = report["results"]
     for key in ("gen_seconds", "write_seconds", "load_seconds", "train_items", "vocab_size"):
         assert _positive(r["data"][key]), key

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import cpu_kernels
 from .config import RunConfig
 from .data import KIND_ID, GenConfig, Split, generate, load_dataset, write_generated
 from .errors import UserError, one_line
@@ -716,6 +717,8 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         "cpu_model": cpu_model_name(),
         "cpu_has_bf16": _cpu_has_bf16(),
         "threads": torch.get_num_threads(),
+        # the fused C kernels of the CPU step (None: torch ops, see cpu_kernels)
+        "cpu_kernels": str(lib._name) if (lib := cpu_kernels.library()) is not None else None,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average_1min": {"start": load_start, "end": _loadavg()},
         "config": {
@@ -831,6 +834,7 @@ def format_table(report: dict[str, Any]) -> str:
     head = [
         f"revjepa bench  {report['date']}  torch {report['torch']}  {report['threads']} threads",
         f"cpu: {report['cpu_model']}  (load average start {la['start']}, end {la['end']})",
+        f"CPU C kernels: {'on' if report.get('cpu_kernels') else 'off (torch ops)'}",
     ]
     busy = busy_warning(report)
     if busy:
