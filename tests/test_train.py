@@ -549,3 +549,49 @@ def test_cuda_training_step_never_waits_for_the_device(small_dir, family):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert math.isfinite(float(res.loss)) and not bool(res.bad)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0])  # clipping, not reached, off
+def test_train_step_update_equals_clip_grad_norm_then_adamw(small_dir, max_norm):
+    """train_step's update (fused AdamW, found_inf set) and logged norm equal clip_grad_norm_
+    followed by a plain (foreach) AdamW step."""
+    import copy
+
+    from revjepa.config import ModelConfig, ObjectiveConfig
+    from revjepa.data import load_dataset
+    from revjepa.model import build_model
+    from revjepa.train import forward_losses, param_groups, train_step
+
+    ds = load_dataset(small_dir)
+    torch.manual_seed(0)
+    oc = ObjectiveConfig(k_pred_tok=1)
+    model = build_model(
+        ModelConfig(n_layer=1, n_embd=32, n_head=2, dropout=0.0), oc, ds.vocab, ds.entity_len
+    )
+    model.train()
+    reference = copy.deepcopy(model)
+    cpu = torch.device("cpu")
+    seq, kind = ds.train.seq[:24], ds.train.kind[:24]
+
+    def adamw(m, fused):
+        return torch.optim.AdamW(param_groups(m, 0.1), lr=1e-2, fused=fused, foreach=not fused)
+
+    opt = adamw(model, True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = train_step(
+        model, opt, scaler, params, seq, kind, None, 1e-2, oc, "fp32", cpu, 1, max_norm
+    )
+
+    ref_opt = adamw(reference, False)
+    _, loss, _, _ = forward_losses(reference, seq, kind, None, oc, "fp32", cpu, 1)
+    loss.backward()
+    ref_params = [p for p in reference.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(ref_params, max_norm if max_norm > 0 else math.inf)
+    ref_opt.step()
+
+    assert res.grad_norm.item() == pytest.approx(norm.item(), rel=1e-6)
+    if max_norm == 0.05:
+        assert norm.item() > 10 * max_norm  # the clip really applied
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
