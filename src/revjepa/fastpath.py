@@ -264,6 +264,13 @@ def _ptr(x: torch.Tensor | None) -> int:
     return 0 if x is None else x.data_ptr()
 
 
+def _c_grad(grad: torch.Tensor) -> torch.Tensor:
+    """An upstream gradient as the C kernels read it: contiguous float32."""
+    grad = grad.contiguous()
+    _c_args(grad)
+    return grad
+
+
 class _Attention(torch.autograd.Function):
     """Multi-head attention with a boolean mask and dropout on the weights, from the packed
     (R, T, 3d) c_attn output to the (R, T, d) input of c_proj, in one C pass each way."""
@@ -290,8 +297,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         qkv, prob = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        _c_args(grad_y)
+        grad_y = _c_grad(grad_y)
         grad = torch.empty_like(qkv)
         cpu_kernels.library().attention_backward(
             _ptr(qkv),
@@ -343,8 +349,7 @@ class _GeluBias(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, bias = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        _c_args(grad_y)
+        grad_y = _c_grad(grad_y)
         grad = torch.empty_like(x)
         grad_bias, partial = None, None
         threads = torch.get_num_threads()
@@ -389,8 +394,7 @@ class _ResidualBiasDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_out = grad_out.contiguous()
-        _c_args(grad_out)
+        grad_out = _c_grad(grad_out)
         rows, cols = grad_out.shape
         grad_x = grad_out if ctx.bits is None else torch.empty_like(grad_out)
         threads = torch.get_num_threads()
