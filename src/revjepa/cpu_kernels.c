@@ -3,9 +3,11 @@
  *
  * Why C: at the bench size (T = 13 tokens per row, head dim 64) torch's attention is a chain
  * of small batched GEMMs, transposes, a mask, a softmax and a dropout, each a pass over
- * memory with its own dispatch; GPT-2's tanh-GELU is one compute-bound pass each way. Here
- * each is one pass, parallel over (row, head) or over elements with the OpenMP runtime that
- * torch itself uses (the library links the same libgomp).
+ * memory with its own dispatch; GPT-2's tanh-GELU is one compute-bound pass each way, and the
+ * biases, residual adds, dropout masks and the LM head's softmax are more passes. Here each
+ * of them is one pass each way (bias gradients included), parallel over (row, head), rows or
+ * elements with the OpenMP runtime that torch itself uses (the library links the same
+ * libgomp).
  *
  * All tensors are contiguous float32 (masks: bool bytes; dropout draws: int16 uniforms, as in
  * fastpath._keep_mask). No function allocates memory or keeps state.

@@ -1,8 +1,9 @@
 """CPU fast paths for the eager training step, each checked against torch's own op in the tests.
 
 On CUDA, and under torch.compile (which fuses these ops itself), the plain torch ops are used.
-Attention and GELU use the C kernels of `cpu_kernels` (float32, no autocast) when they could
-be built on this machine.
+Attention, c_fc's bias + GELU, the residual add + c_proj's bias + dropout, the softmax
+cross-entropy and the dropout draws use the C kernels of `cpu_kernels` when they could be
+built on this machine (float32, or the bf16 GEMM outputs of autocast taken in float32).
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def _softmax_cross_entropy_(lib, logits: torch.Tensor, target: torch.Tensor) -> 
     _c_args(logits)
     n, v = logits.shape
     target = target.long().contiguous()
-    if target.numel() and not 0 <= int(target.min()) <= int(target.max()) < v:
+    lo, hi = torch.aminmax(target) if target.numel() else (0, 0)
+    if not 0 <= int(lo) <= int(hi) < v:  # the kernel indexes raw memory with these
         raise IndexError(f"cross-entropy target out of range [0, {v})")
     rows = logits.new_empty(n)
     lib.softmax_cross_entropy(_ptr(logits), _ptr(target), _ptr(rows), n, v, torch.get_num_threads())
