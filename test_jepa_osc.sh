@@ -11,6 +11,8 @@
 #SBATCH --mem=32G
 #SBATCH --time=01:00:00
 #SBATCH --output=logs/jepa_test_%j.out
+# (SLURM opens that file before this script runs: submit from the repository root, which ships
+# logs/, or pass --output to sbatch)
 ##SBATCH --account=YOUR_ACCOUNT
 ##SBATCH --partition=YOUR_PARTITION
 set -euo pipefail

@@ -4,8 +4,18 @@
 # the command line: sbatch --account=ABC --partition=gpu train_jepa_osc.sh
 # Paths come from the environment (defaults relative to the submit directory):
 #   REPO_DIR, DATA_DIR, OUTPUT_DIR, VENV, GPUS_PER_NODE, EXTRA_ARGS
-# Preemption: SLURM sends USR1 120 s before the time limit; the trainer finishes its step,
-# checkpoints, exits, and this script requeues the job, which resumes from the latest checkpoint.
+# In a job array (sbatch --array=0-3) task i writes OUTPUT_DIR/task_i, and %a in EXTRA_ARGS is i
+# (e.g. EXTRA_ARGS="--seed %a").
+# On a CPU-only partition: sbatch --gpus-per-node=0 --cpus-per-task=N --mem=XG train_jepa_osc.sh
+# Signals (README "Clusters"):
+#   USR1 (sent 120 s before the time limit by --signal=B:USR1@120, or by
+#        `scancel --signal=USR1 --batch JOB`): the trainer finishes its step, checkpoints and
+#        exits; this script then requeues the job, which resumes from the latest checkpoint.
+#   TERM (`scancel JOB`, the time limit itself, SLURM's own preemption): the trainer checkpoints
+#        and exits, and the job ends; it is never requeued here (a preemption with
+#        PreemptMode=REQUEUE is requeued by SLURM itself). TERM after USR1 cancels the requeue.
+# The log file is opened by SLURM before this script runs: submit from the repository root
+# (it ships logs/), or pass --output to sbatch.
 #SBATCH --job-name=jepa_train
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -14,6 +24,7 @@
 #SBATCH --mem=64G
 #SBATCH --time=48:00:00
 #SBATCH --output=logs/jepa_train_%j.out
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 ##SBATCH --account=YOUR_ACCOUNT
@@ -27,6 +38,11 @@ VENV=${VENV:-$REPO_DIR/.venv}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 NNODES=${SLURM_NNODES:-1}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+    # a job array: every task trains its own run; %a in EXTRA_ARGS becomes the task id
+    OUTPUT_DIR="$OUTPUT_DIR/task_$SLURM_ARRAY_TASK_ID"
+    EXTRA_ARGS=${EXTRA_ARGS//%a/$SLURM_ARRAY_TASK_ID}
+fi
 
 cd "$REPO_DIR"
 mkdir -p logs
@@ -44,7 +60,7 @@ args=(
     --save_steps 50000 --save_step_dense 30000 --save_step_dense_interval 5000
     --eval_steps 5000 --log_interval 1000
     --k_pred_tok 1 --distance_metric cosine --lambda_jepa 1.0 --gamma_ntp 1.0
-    --bf16 --resume_from latest
+    --precision bf16 --resume_from latest
 )
 # shellcheck disable=SC2206
 args+=($EXTRA_ARGS)
@@ -63,12 +79,32 @@ else
 fi
 child=$!
 
-requeue() {
-    echo "$(date) preemption signal: asking the trainer to checkpoint, then requeueing"
+requeue_wanted=0
+cancelled=0
+# shellcheck disable=SC2329  # the trap handlers are invoked by the traps below
+on_usr1() {
+    echo "$(date) USR1: asking the trainer to checkpoint; the job will be requeued"
+    requeue_wanted=1
     kill -USR1 "$child" 2>/dev/null || true
-    wait "$child" || true
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
 }
-trap requeue USR1 TERM
-wait "$child"
+# shellcheck disable=SC2329
+on_term() {
+    echo "$(date) TERM: asking the trainer to checkpoint; the job ends (no requeue)"
+    cancelled=1
+    kill -TERM "$child" 2>/dev/null || true
+}
+trap on_usr1 USR1
+trap on_term TERM
+# `wait` returns early when a trapped signal arrives: wait again until the trainer has exited
+status=0
+while :; do
+    status=0
+    wait "$child" || status=$?
+    kill -0 "$child" 2>/dev/null || break
+done
+if [ "$requeue_wanted" = 1 ] && [ "$cancelled" = 0 ] && [ "$status" = 0 ] &&
+    grep -q '"state": "stopped"' "$OUTPUT_DIR/run_state.json" 2>/dev/null; then
+    echo "$(date) requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"

@@ -181,6 +181,20 @@ class RunLock:
         self.fh.flush()
 
 
+RUN_STATE = "run_state.json"
+
+
+def write_run_state(output_dir: Path, state: str, step: int, max_steps: int, signum) -> None:
+    """`run_state.json`: running / finished / stopped (by a signal), written atomically. The SLURM script
+    reads it to requeue only a run that a pre-timeout signal stopped short of --max_steps."""
+    record = {"state": state, "step": step, "max_steps": max_steps, "time": time.time()}
+    if signum is not None:
+        record["signal"] = signal.Signals(signum).name
+    tmp = output_dir / f".{RUN_STATE}.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, output_dir / RUN_STATE)
+
+
 class _TqdmAwareHandler(logging.StreamHandler):
     """Log lines go above the progress bar instead of through it."""
 
@@ -305,7 +319,7 @@ def train(
     d = init_distributed("cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu")
     preempt = Preemption()
     try:
-        return _train(config, state, resume_path, d, resume_from is not None, preempt)
+        return _train(config, state, resume_path, d, resume_from, preempt)
     finally:
         preempt.restore()
         for handler in list(log.handlers):
@@ -320,7 +334,7 @@ def _train(
     state: dict[str, Any] | None,
     resume_path: Path | None,
     d: Dist,
-    resume_requested: bool,
+    resume_from: str | None,
     preempt: Preemption,
 ) -> Path:
     tc, oc = config.train, config.objective
@@ -328,7 +342,7 @@ def _train(
     ckpt_dir = output_dir / "checkpoints"
     # Everything that can reject the input runs before the first file is created or touched.
     if d.main:
-        check_output_dir(output_dir, resume_requested)
+        check_output_dir(output_dir, resume_from is not None)
     device = resolve_device(tc.device, d)
     use_compile = tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda")
     # CUDA graphs replay a whole captured step: a single device, and no DDP hooks in between
@@ -350,6 +364,11 @@ def _train(
     spe = steps_per_epoch(len(train_split), global_batch, tc.data_dir)
     max_steps = tc.max_steps or (tc.num_epochs * spe if tc.num_epochs else tc.total_steps_default)
     start_step = int(state["step"]) if state is not None else 0
+    if start_step >= max_steps and resume_from == "latest":
+        # a requeued or resubmitted job of a finished run: nothing to do, and not an error
+        if d.main:
+            print(f"{resume_path}: the run is already at step {start_step} (--max_steps {max_steps})")
+        return output_dir
     if start_step >= max_steps:
         raise UserError(f"the run is already at step {start_step} >= --max_steps {max_steps}")
     torch.manual_seed(tc.seed)
@@ -362,6 +381,7 @@ def _train(
         ckpt_dir.mkdir(exist_ok=True)
         lock = RunLock(output_dir)  # noqa: F841  (held for the life of the run)
         remove_stale_temporaries(ckpt_dir)
+        write_run_state(output_dir, "running", start_step, max_steps, None)
     setup_logging(output_dir if d.main else None, d.main)
     precision = resolve_precision(tc.precision, device, log.warning)
     if tc.max_steps is not None and tc.num_epochs is not None:
@@ -609,6 +629,9 @@ def _train(
             break
     if progress is not None:
         progress.close()
+    if d.main:
+        done = "finished" if step == max_steps else "stopped"
+        write_run_state(output_dir, done, step, max_steps, preempt.signal)
     if d.main and step == max_steps:
         log.info(f"done: {max_steps} steps; checkpoints in {ckpt_dir}; metrics in {metrics_path}")
     return output_dir
