@@ -185,8 +185,8 @@ RUN_STATE = "run_state.json"
 
 
 def write_run_state(output_dir: Path, state: str, step: int, max_steps: int, signum) -> None:
-    """`run_state.json`: running / finished / stopped (by a signal), written atomically. The SLURM script
-    reads it to requeue only a run that a pre-timeout signal stopped short of --max_steps."""
+    """`run_state.json`: running / finished / stopped (by a signal), written atomically. The
+    SLURM script reads it to requeue only a run that a signal stopped short of --max_steps."""
     record = {"state": state, "step": step, "max_steps": max_steps, "time": time.time()}
     if signum is not None:
         record["signal"] = signal.Signals(signum).name
@@ -367,7 +367,9 @@ def _train(
     if start_step >= max_steps and resume_from == "latest":
         # a requeued or resubmitted job of a finished run: nothing to do, and not an error
         if d.main:
-            print(f"{resume_path}: the run is already at step {start_step} (--max_steps {max_steps})")
+            print(
+                f"{resume_path}: the run is already at step {start_step} (--max_steps {max_steps})"
+            )
         return output_dir
     if start_step >= max_steps:
         raise UserError(f"the run is already at step {start_step} >= --max_steps {max_steps}")
