@@ -95,13 +95,13 @@ on_term() {
 }
 trap on_usr1 USR1
 trap on_term TERM
-# `wait` returns early when a trapped signal arrives: wait again until the trainer has exited
-status=0
-while :; do
-    status=0
-    wait "$child" || status=$?
-    kill -0 "$child" 2>/dev/null || break
+# a trapped signal interrupts `wait` while the trainer still runs: wait again; then ask once
+# more for the trainer's own exit status (bash keeps it after the process has ended)
+while kill -0 "$child" 2>/dev/null; do
+    wait "$child" || true
 done
+status=0
+wait "$child" || status=$?
 if [ "$requeue_wanted" = 1 ] && [ "$cancelled" = 0 ] && [ "$status" = 0 ] &&
     grep -q '"state": "stopped"' "$OUTPUT_DIR/run_state.json" 2>/dev/null; then
     echo "$(date) requeueing job $SLURM_JOB_ID"

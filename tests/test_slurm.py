@@ -1,4 +1,5 @@
-"""SLURM scripts: shell-checked, runnable as batch scripts, and requeue on the preemption signal."""
+"""SLURM scripts without a cluster: shell-checked, runnable as plain batch scripts, and their
+signal handling with a stand-in `scontrol` (tests/test_slurm_real.py runs them under a real SLURM)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ import pytest
 from revjepa.data import GenConfig, generate, write_generated
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train_jepa_osc.sh", "test_jepa_osc.sh", "run", ".ci/run", "scripts/gpu_check.sh"]
+SCRIPTS = [
+    "train_jepa_osc.sh",
+    "test_jepa_osc.sh",
+    "run",
+    ".ci/run",
+    "scripts/gpu_check.sh",
+    "scripts/slurm_local.sh",
+]
 TINY = "--n_layer 1 --n_embd 32 --n_head 2 --batch_size 16 --device cpu --eval_steps 5"
 
 
@@ -103,6 +111,34 @@ def test_train_script_requeues_on_usr1_and_the_requeued_job_resumes(slurm_env, t
     assert f"resumed from {ckpts[0]} at step {stopped}" in again.stdout
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert rows[-1]["step"] == stopped + 4
+
+
+def test_train_script_does_not_requeue_on_term(slurm_env, tmp_path):
+    """TERM is a cancel (or SLURM's own preemption, which requeues by itself): checkpoint, end."""
+    env = dict(slurm_env, EXTRA_ARGS=f"{TINY} --max_steps 100000 --log_interval 2")
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "train_jepa_osc.sh")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)  # the pre-timeout warning first...
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # ...then a cancel: the cancel wins
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert not (tmp_path / "scontrol.log").exists()
+    state = json.loads((tmp_path / "run" / "run_state.json").read_text())
+    assert state["state"] == "stopped"
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("checkpoint_step_*.pt"))
+    assert [int(p.stem.split("_")[-1]) for p in ckpts] == [state["step"]]
 
 
 def test_quick_test_script_trains_and_evaluates(slurm_env, tmp_path):

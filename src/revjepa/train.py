@@ -160,8 +160,12 @@ class Preemption:
         self.signal = signum
 
     def restore(self) -> None:
+        """Give the signals back, unless one stopped the run: then the process is on its way
+        out, and a repeated signal (SLURM and the job script both send TERM) must not kill
+        it with 143 after its checkpoint. SIG_IGN, because Python resets its own handlers to
+        the default while the interpreter shuts down, but leaves an ignored signal ignored."""
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.signal is not None else handler)
 
 
 class RunLock:
