@@ -141,6 +141,28 @@ def test_train_script_does_not_requeue_on_term(slurm_env, tmp_path):
     assert [int(p.stem.split("_")[-1]) for p in ckpts] == [state["step"]]
 
 
+def test_requeued_job_of_a_finished_run_is_a_no_op(slurm_env, tmp_path):
+    """A job requeued (or resubmitted) after its run finished: exit 0, nothing written."""
+    env = dict(slurm_env, EXTRA_ARGS=f"{TINY} --max_steps 6 --log_interval 2")
+    for attempt in range(2):
+        proc = subprocess.run(
+            ["bash", str(REPO / "train_jepa_osc.sh")],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        if attempt == 0:
+            before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert "the run is already at step 6 (--max_steps 6)" in proc.stdout
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before
+    assert json.loads((tmp_path / "run" / "run_state.json").read_text())["state"] == "finished"
+    assert not (tmp_path / "scontrol.log").exists()
+
+
 def test_quick_test_script_trains_and_evaluates(slurm_env, tmp_path):
     # test_jepa_osc.sh has no EXTRA_ARGS: run it on the tiny dataset as written (1 epoch)
     proc = subprocess.run(
