@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -128,15 +129,23 @@ def wait_for_metrics(run: Path, job: str, cluster: dict, timeout: float = 120) -
     while time.time() < deadline:
         if metrics.exists() and metrics.read_text().strip():
             return
-        assert job_info(cluster, job).get("JobState") in {"PENDING", "RUNNING"}, job_info(
-            cluster, job
-        )
+        info = job_info(cluster, job)
+        if info.get("JobState") not in {"PENDING", "CONFIGURING", "RUNNING"}:
+            log = log_of(cluster, "jepa_train", job)
+            raise AssertionError(f"job {job} ended before any metrics: {info}\n{log[-3000:]}")
         time.sleep(0.1)
     raise AssertionError(f"job {job} wrote no metrics in {timeout} s")
 
 
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def log_of(cluster: dict, prefix: str, job: str) -> str:
-    return (cluster["checkout"] / "logs" / f"{prefix}_{job}.out").read_text()
+    path = cluster["checkout"] / "logs" / f"{prefix}_{job}.out"
+    return path.read_text() if path.exists() else f"(no {path})"
 
 
 def steps_of(run: Path) -> list[int]:
@@ -312,7 +321,7 @@ def test_two_task_srun_matches_one_process(cluster):
         [*CPU_SBATCH, "--ntasks-per-node=2"],
         OUTPUT_DIR=str(root / "ddp2"),
         GPUS_PER_NODE="2",
-        MASTER_PORT="29631",
+        MASTER_PORT=free_port(),
         EXTRA_ARGS=f"{tiny} --batch_size 8 {schedule}",
     )
     one = submit(
@@ -337,3 +346,29 @@ def test_two_task_srun_matches_one_process(cluster):
     ]
     a, b = final_weights(root / "ddp2", 30), final_weights(root / "ddp1", 30)
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
+
+
+def test_usr1_reaches_every_srun_task_and_the_job_resumes(cluster):
+    """The multi-process path under the pre-timeout signal: the script signals srun, srun
+    forwards USR1 to both ranks, they stop together, and the requeued job finishes."""
+    run = cluster["root"] / "ddp_usr1"
+    job = submit(
+        cluster,
+        "train_jepa_osc.sh",
+        [*CPU_SBATCH, "--ntasks-per-node=2"],
+        OUTPUT_DIR=str(run),
+        GPUS_PER_NODE="2",
+        MASTER_PORT=free_port(),
+        EXTRA_ARGS=f"{TINY.replace('16', '8')} --max_steps 800 --log_interval 10 "
+        "--save_step_dense 0 --eval_steps 5000 --precision fp32",
+    )
+    wait_for_metrics(run, job, cluster)
+    subprocess.run(
+        ["scancel", "--signal=USR1", "--batch", job], env=cluster["env"], check=True, timeout=30
+    )
+    info = wait_for(cluster, job)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0")
+    log = log_of(cluster, "jepa_train", job)
+    assert f"requeueing job {job}" in log and log.count("world size 2") == 2
+    assert run_state(run)["state"] == "finished"
+    assert steps_of(run) == list(range(10, 801, 10))
