@@ -17,6 +17,22 @@ from revjepa.fastpath import TiedLMHead, cross_entropy_sum, dropout, residual_dr
 from revjepa.hostmem import tune_glibc_malloc
 from revjepa.model import GPT2Jepa
 
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def assert_softmax_grads_close(ours: torch.Tensor, ref: torch.Tensor, logits_max: float) -> None:
+    """Gradients through a float32 softmax cross-entropy computed two ways (the C kernel or the
+    fused head against torch's ops): within 16 eps * M of the gradient's largest element, M the
+    largest |logit|. The probabilities of float32 logits of magnitude M are only known to about
+    eps * M relative (the log-sum-exp is rounded at M's scale), each implementation rounding
+    its own way; an elementwise atol 1e-6 / rtol 1e-5 was up to 61% used with other ATen / MKL
+    kernel sets (logits up to ~16 here, ~60 in the tied-head cases)."""
+    assert ours.shape == ref.shape
+    tol = 16 * EPS32 * max(1.0, logits_max) * ref.abs().max().item()
+    diff = (ours.double() - ref.double()).abs().max().item()
+    assert diff <= tol, f"max |diff| {diff:.3g} > {tol:.3g}"
+
+
 # ----------------------------------------------------------------------------- dropout
 
 
@@ -118,8 +134,10 @@ def test_cross_entropy_matches_torch(dtype):
     (ours * 0.5).backward()
     (ref * 0.5).backward()
     assert a.grad.dtype == dtype
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
-    assert torch.allclose(a.grad.float(), b.grad.float(), atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        assert_softmax_grads_close(a.grad, b.grad, base.float().abs().max().item())
+    else:  # both in float32, the gradient rounded to bf16 (8 bits)
+        assert torch.allclose(a.grad.float(), b.grad.float(), atol=1e-2, rtol=1e-2)
     assert torch.equal(a.detach(), base)  # the caller's logits are never modified
 
 
@@ -142,6 +160,12 @@ def _head_case(seed: int):
     # x stands for the transformer's output: any function of the embeddings
     mix = torch.randn(23, 6, generator=g)
     return w, ids, target, mix
+
+
+def _head_logits_max(w0, ids, mix, embed=True) -> float:
+    """The largest |logit| of a _head_case (as _head_loss_and_grad computes x)."""
+    x = (mix @ F.embedding(ids, w0).flatten(0, 1)) * 2 if embed else mix @ torch.ones(6, 16)
+    return (x @ w0.T).abs().max().item()
 
 
 def _head_loss_and_grad(w0, ids, target, mix, fast: bool, embed=True, scale=0.37):
@@ -171,7 +195,8 @@ def test_tied_head_matches_the_plain_ops(embed):
     for _ in range(2):  # the second call runs in the (n, V) buffer the first one handed back
         ours = _head_loss_and_grad(*case, fast=True, embed=embed)
         assert ours[0].item() == pytest.approx(ref[0].item(), rel=1e-6)
-        assert torch.allclose(ours[1], ref[1], atol=1e-6, rtol=1e-5)
+        w0, ids, _, mix = case
+        assert_softmax_grads_close(ours[1], ref[1], _head_logits_max(w0, ids, mix, embed))
     assert (23, 301) in fastpath._logits_buffers  # reused from step to step
 
 
@@ -191,7 +216,7 @@ def test_tied_head_used_twice_in_one_loss_keeps_both_gradients():
             )
         loss.backward()
         grads.append(w.grad)
-    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert_softmax_grads_close(grads[0], grads[1], _head_logits_max(w0, ids, mix))
 
 
 def test_tied_embedding_without_the_head_gets_its_own_gradient():
@@ -220,8 +245,8 @@ def test_tied_head_two_live_graphs_keep_their_own_buffers_and_gradients():
         losses.append(tied.cross_entropy_sum(x, target))
     for loss in reversed(losses):
         loss.backward()
-    for w, ref in zip(ws, refs):
-        assert torch.allclose(w.grad, ref[1], atol=1e-6, rtol=1e-5)
+    for w, ref, (w0, ids, _, mix) in zip(ws, refs, cases):
+        assert_softmax_grads_close(w.grad, ref[1], _head_logits_max(w0, ids, mix))
     with pytest.raises(RuntimeError, match="second time"):
         w = cases[0][0].clone().requires_grad_()
         loss = TiedLMHead(w).cross_entropy_sum(torch.randn(23, 16), cases[0][2])
