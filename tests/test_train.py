@@ -507,8 +507,12 @@ def test_real_compile_of_the_losses_matches_eager_and_compiles_once(small_dir):
         comp, gc = loss_and_grads(compiled, seq, kind, keep)
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
         assert ge.keys() == gc.keys() and len(ge) > 5
+        # inductor's generated kernels (vectorised for this CPU) against the eager ops / C
+        # kernels: float32 rounding that follows each tensor's magnitudes, not each element's
+        # (an elementwise atol 1e-6 was 14% used on near-zero elements): 1e-5 of the largest
         for name in ge:
-            torch.testing.assert_close(gc[name], ge[name], rtol=1e-4, atol=1e-6, msg=name)
+            diff = (gc[name] - ge[name]).abs().max().item()
+            assert diff <= 1e-5 * ge[name].abs().max().item(), (name, diff)
     assert len(set(n_jepa)) > 1  # the batches really had different packings
     assert counters["stats"]["unique_graphs"] == 1
 
