@@ -36,20 +36,23 @@ from typing import Any
 import torch
 
 from . import cpu_kernels
+from .compiled import compile_model
 from .config import RunConfig
-from .data import KIND_ID, GenConfig, Split, generate, load_dataset, write_generated
+from .data import (
+    KIND_ID,
+    BatchSampler,
+    GenConfig,
+    Split,
+    generate,
+    load_dataset,
+    write_generated,
+)
 from .errors import UserError, one_line
 from .evaluate import evaluate_split
-from .model import build_model, to_device
-from .train import (
-    _cpu_has_bf16,
-    compile_model,
-    epoch_permutation,
-    param_groups,
-    resolve_precision,
-    steps_per_epoch,
-    train_step,
-)
+from .flops import batch_shape, train_step_flops
+from .model import build_model
+from .step import StepContext, cpu_has_bf16, make_optimizer, resolve_precision, train_step
+from .train import steps_per_epoch
 
 # ----------------------------------------------------------------------------- sizes
 
@@ -117,46 +120,6 @@ QUICK = BenchSizes(
 # ----------------------------------------------------------------------------- analytic counts
 
 
-def train_step_flops(
-    n_layer: int, n_embd: int, n_rows: int, row_len: int, n_scored: int, vocab: int
-) -> float:
-    """Analytic FLOPs of one training step (forward + backward) of the packed GPT-2 pass.
-
-    With d = n_embd, R = n_rows, T = row_len (tokens per packed row), N = R * T tokens:
-
-      per layer, the weight matmuls:  2 * N * 12 d^2
-          qkv projection 3 d^2 + attention output projection d^2 + MLP 4d -> d and d -> 4d
-          8 d^2 = 12 d^2 multiply-adds per token, 2 FLOPs per multiply-add;
-      per layer, the attention:       2 * 2 * R * T^2 * d
-          Q K^T and (softmax) V, each R * T * T * d multiply-adds over all heads (the
-          block-causal mask is applied densely, so the full T x T products are computed);
-      the LM head, only at the scored positions:  2 * n_scored * d * V.
-
-    forward = n_layer * (24 N d^2 + 4 R T^2 d) + 2 n_scored d V, and the step is 3 x forward
-    (the backward pass costs two matmuls per forward matmul: input and weight gradients).
-    Embedding lookups, LayerNorm, softmax, GELU, the loss and AdamW are elementwise and left out.
-    """
-    d = n_embd
-    tokens = n_rows * row_len
-    per_layer = 2 * tokens * 12 * d * d + 2 * 2 * n_rows * row_len * row_len * d
-    forward = n_layer * per_layer + 2 * n_scored * d * vocab
-    return 3.0 * forward
-
-
-def batch_shape(kind: torch.Tensor, seq_len: int, entity_len: int, jepa: bool, k: int):
-    """(rows, row_len, n_scored) of the packed pass of one batch (see model.py's packing).
-
-    JEPA rows (items of kind train when JEPA is on) hold one item each, every other item is
-    packed two per row; both row types are 2 * seq_len + k tokens long. The LM head scores
-    entity_len positions per item.
-    """
-    b = int(kind.numel())
-    k = k if jepa else 0
-    n_j = int((kind == KIND_ID["train"]).sum()) if jepa else 0
-    rows = n_j + math.ceil((b - n_j) / 2)
-    return rows, 2 * seq_len + k, b * entity_len
-
-
 def model_config(size: ModelSize) -> RunConfig:
     """The default run configuration (dropout 0.1, JEPA on, k = 1, cosine) at the given size."""
     cfg = RunConfig()
@@ -169,7 +132,7 @@ def model_config(size: ModelSize) -> RunConfig:
 # ----------------------------------------------------------------------------- timing helpers
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -236,27 +199,27 @@ class TrainBench:
         torch.manual_seed(self.tc.seed)
         self.model = build_model(cfg.model, self.oc, vocab, entity_len).to(device)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.tc.weight_decay),
-            lr=self.tc.learning_rate,
-            betas=(0.9, 0.999),
-            eps=1e-8,
-            fused=True,
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.run_model: torch.nn.Module = self.model
+        optimizer = make_optimizer(self.model, self.tc.learning_rate, self.tc.weight_decay)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        run_model: torch.nn.Module = self.model
         if variant not in STEP_VARIANTS:
             raise ValueError(f"unknown step variant {variant!r}")
         if variant != "eager":
-            self.run_model = compile_model(self.model, cuda_graphs=variant == "graphs")
-        self.n, self.batch = int(seq_all.shape[0]), self.tc.batch_size
-        self.spe = steps_per_epoch(self.n, self.batch, "bench data")
+            run_model = compile_model(self.model, cuda_graphs=variant == "graphs")
+        self.ctx = StepContext(
+            run_model, optimizer, scaler, params, self.oc, precision, device, 1,
+            self.tc.max_grad_norm,
+        )  # fmt: skip
+        n, batch = int(seq_all.shape[0]), self.tc.batch_size
+        self.batch = batch
+        self.sampler = BatchSampler(
+            Split(seq_all, kind_all.cpu()), seed=self.tc.seed, batch_size=batch, rank=0, world=1,
+            steps_per_epoch=steps_per_epoch(n, batch, "bench data"), loss_dropout=0.0,
+            device=device,
+        )  # fmt: skip
         self.vocab_size, self.entity_len = vocab.size, entity_len
         self.seq_len = int(seq_all.shape[1])
-        self.kind_cpu = kind_all.cpu()
-        self.seq_dev = seq_all.to(device)
-        self.perm_cpu: dict[int, torch.Tensor] = {}
         self.step = 0
         self.warmup_steps, self.warmup_seconds = 0, 0.0
         self.seconds: list[float] = []
@@ -264,58 +227,34 @@ class TrainBench:
         self.cpu_seconds, self.wall_seconds = 0.0, 0.0
         self.res = None
 
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self.perm_cpu:
-            self.perm_cpu[epoch] = epoch_permutation(self.tc.seed, epoch, self.n)
-        return self.perm_cpu[epoch]
-
     def _shape(self, step: int) -> tuple[int, int, int]:
-        epoch, pos = divmod(step, self.spe)
-        idx = self._perm(epoch)[pos * self.batch : (pos + 1) * self.batch]
         oc = self.oc
-        return batch_shape(
-            self.kind_cpu[idx], self.seq_len, self.entity_len, oc.jepa_active, oc.k_pred_tok
-        )
+        kinds = self.sampler.batch(step).kind
+        return batch_shape(kinds, self.seq_len, self.entity_len, oc.jepa_active, oc.k_pred_tok)
 
     def _run(self, step: int) -> None:
         # the trainer's batch: sequences indexed on the device, kinds on the host
-        epoch, pos = divmod(step, self.spe)
-        idx = self._perm(epoch)[pos * self.batch : (pos + 1) * self.batch]
-        self.res = train_step(
-            self.run_model,
-            self.optimizer,
-            self.scaler,
-            self.params,
-            self.seq_dev[to_device(idx, self.device)],
-            self.kind_cpu[idx],
-            None,
-            self.tc.learning_rate,
-            self.oc,
-            self.precision,
-            self.device,
-            1,
-            self.tc.max_grad_norm,
-        )
+        self.res = train_step(self.ctx, self.sampler.batch(step), self.tc.learning_rate)
 
     def warm(self, steps: int) -> None:
-        _sync(self.device)
+        sync_device(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             self._run(self.step)
             self.step += 1
-        _sync(self.device)
+        sync_device(self.device)
         self.warmup_steps += steps
         self.warmup_seconds += time.perf_counter() - t0
 
     def repeat(self) -> None:
         """One timed repeat of `steps` steps (shapes are computed before the clock starts)."""
         self.shapes += [self._shape(s) for s in range(self.step, self.step + self.steps)]
-        _sync(self.device)
+        sync_device(self.device)
         c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(self.steps):
             self._run(self.step)
             self.step += 1
-        _sync(self.device)
+        sync_device(self.device)
         dt = time.perf_counter() - t0
         self.seconds.append(dt)
         self.cpu_seconds += time.process_time() - c0
@@ -408,14 +347,14 @@ def bench_matmul(
     out = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
-    _sync(device)
+    sync_device(device)
     rates = []
     for _ in range(repeats):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         for _ in range(iters):
             torch.mm(a, b, out=out)
-        _sync(device)
+        sync_device(device)
         rates.append(2.0 * n**3 * iters / (time.perf_counter() - t0))
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops_per_s": _median(rates)}
 
@@ -446,10 +385,10 @@ def bench_step_gemms(
         a @ b  # warm-up (oneDNN builds its kernel for a new shape here)
         times = []
         for _ in range(repeats):
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             a @ b
-            _sync(device)
+            sync_device(device)
             times.append(time.perf_counter() - t0)
         seconds += _median(times)
         flops += 2.0 * m * k * n
@@ -715,7 +654,7 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_model": cpu_model_name(),
-        "cpu_has_bf16": _cpu_has_bf16(),
+        "cpu_has_bf16": cpu_has_bf16(),
         "threads": torch.get_num_threads(),
         # the fused C kernels of the CPU step (None: torch ops, see cpu_kernels)
         "cpu_kernels": str(lib._name) if (lib := cpu_kernels.library()) is not None else None,

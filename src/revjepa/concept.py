@@ -44,6 +44,7 @@ from .config import ModelConfig, ObjectiveConfig
 from .data import Split, Vocab
 from .errors import UserError
 from .fastpath import dropout
+from .flops import StepCost, blocks_forward_flops
 from .model import LossFamily, LossOutput, gpt2_block
 
 HEAD, RELATION, MASK, TAIL = range(4)
@@ -275,6 +276,22 @@ class ConceptJepa(LossFamily):
         (out_dir / "config.json").write_text(json.dumps(self.export_config(), indent=2) + "\n")
 
     # ------------------------------------------------------------------ the computation
+
+    def step_cost(self, kind: torch.Tensor) -> StepCost:
+        """Tokens (the patches' and the concepts') and analytic FLOPs of one training step
+        (see flops.py):
+        recognition of the 4B patches (GPT-2 blocks over W = entity_len tokens, or the memory
+        layer's scores against every row), the semantic blocks over the 3 patches before the
+        tail, and the in-batch logits against the candidates."""
+        b, d, w = int(kind.numel()), self.model_cfg.n_embd, self.entity_len
+        if self.memory is not None:
+            rec = 2.0 * NUM_PATCHES * b * d * self.memory.keys.shape[0]
+        else:
+            rec = blocks_forward_flops(len(self.rec), d, NUM_PATCHES * b, w)
+        sem = blocks_forward_flops(len(self.sem), d, b, TAIL)
+        per_item = 2 if self.objective.concept_candidates == "entities" else NUM_PATCHES
+        flops = 3.0 * (rec + sem + 2.0 * b * (per_item * b) * d)
+        return StepCost(NUM_PATCHES * b * w + TAIL * b, flops)
 
     def patchify(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, 2E + 2) sequences -> (B, 4, E) patches [e1] [r <pad>..] [<mask> <pad>..] [e2]."""

@@ -141,6 +141,10 @@ class ObjectiveConfig:
     def jepa_active(self) -> bool:
         return self.use_jepa and self.lambda_jepa != 0.0
 
+    def total(self, ntp, jepa):
+        """The training objective: gamma x NTP + lambda x JEPA (tensors or floats)."""
+        return self.gamma_ntp * ntp + (self.lambda_jepa * jepa if self.jepa_active else 0.0)
+
 
 @dataclass
 class TrainConfig:
@@ -181,6 +185,11 @@ class TrainConfig:
     )
     max_bad_steps: int = _f(20, "stop after this many consecutive non-finite steps")
     device: str = _f("auto", "auto | cpu | cuda")
+    peak_tflops: float | None = _f(
+        None,
+        "peak TFLOP/s for the logged MFU (default: the datasheet figure of a known GPU, else a "
+        "matmul measured at start-up)",
+    )
     preset: str | None = _f(
         None,
         "named partial configuration (explicit flags override it): " + ", ".join(PRESETS),
@@ -207,6 +216,7 @@ RESUMABLE_OVERRIDES = {
     "cuda_graphs",
     "device",
     "max_bad_steps",
+    "peak_tflops",
     "output_dir",
     "data_dir",
 }
@@ -261,6 +271,8 @@ class RunConfig:
             raise UserError("--infonce_temperature must be positive")
         if o.lambda_jepa < 0 or o.gamma_ntp < 0:
             raise UserError("--lambda_jepa and --gamma_ntp must be >= 0")
+        if t.peak_tflops is not None and not t.peak_tflops > 0:
+            raise UserError(f"--peak_tflops must be positive, got {t.peak_tflops}")
         if o.gamma_ntp == 0 and not o.jepa_active:
             raise UserError("--gamma_ntp 0 with JEPA off leaves nothing to train")
         for name in (
@@ -378,7 +390,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                     help=argparse.SUPPRESS,
                 )
                 continue
-            conv = {"int": int, "int | None": int, "float": float}.get(str(f_.type), str)
+            conv = {"int": int, "int | None": int, "float": float, "float | None": float}.get(
+                str(f_.type), str
+            )
             group.add_argument(
                 f"--{flag}",
                 dest=flag,

@@ -13,7 +13,6 @@ With one-token entities the token-2 and joint metrics equal the token-1 ones.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ from .checkpoint import list_checkpoints, load_checkpoint
 from .config import RunConfig
 from .data import KINDS, Dataset, Split, vocab_from_mapping
 from .errors import UserError
-from .faults import crash, crash_requested
 from .model import build_model
+from .runlog import append_jsonl, read_jsonl
 
 METRIC_KEYS = (
     "loss",
@@ -142,8 +141,7 @@ def evaluate_split(
     ntp = sums["ntp_sum"] / max(sums["ntp_count"], 1.0)
     jepa = sums["jepa_sum"] / sums["jepa_count"] if sums["jepa_count"] else 0.0
     result: dict[str, Any] = {
-        "loss": objective.gamma_ntp * ntp
-        + (objective.lambda_jepa * jepa if objective.jepa_active else 0.0),
+        "loss": objective.total(ntp, jepa),
         "ntp_loss": ntp,
         "jepa_loss": jepa,
         **_summarise(items),
@@ -313,27 +311,3 @@ def best_steps(records: list[dict[str, Any]]) -> dict[str, tuple[int, float]]:
             if name not in best or m["mrr"] > best[name][1]:
                 best[name] = (r["step"], m["mrr"])
     return best
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a half-written last line (killed writer) is ignored."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    line = json.dumps(record, allow_nan=True) + "\n"
-    with open(path, "a") as fh:
-        if crash_requested("metrics", record.get("step")):
-            fh.write(line[: len(line) // 2])
-            fh.flush()
-            crash()
-        fh.write(line)
-        fh.flush()

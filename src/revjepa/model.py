@@ -23,7 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from .config import ModelConfig, ObjectiveConfig
-from .data import KIND_ID, Vocab
+from .data import KIND_ID, Vocab, to_device
 from .errors import UserError
 from .fastpath import (
     TiedLMHead,
@@ -33,18 +33,11 @@ from .fastpath import (
     linear_gelu,
     residual_linear_dropout,
 )
+from .flops import StepCost, batch_shape, train_step_flops
 
 hf_logging.set_verbosity_error()
 
 ROW_BUCKET = 8  # packed rows per batch are padded to a multiple of this (see row_count)
-
-
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host-to-device copy that does not wait for the GPU's queued work: from pinned memory
-    (a copy from pageable memory may synchronise the stream first)."""
-    if device.type == "cuda":
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
 
 
 def build_gpt2(cfg: ModelConfig, vocab: Vocab) -> GPT2LMHeadModel:
@@ -205,6 +198,14 @@ class GPT2Jepa(LossFamily):
 
     family = "gpt2_jepa"
     headline_metric = "mrr"  # evaluation metric that picks best_model.pt
+
+    def step_cost(self, kind: torch.Tensor) -> StepCost:
+        """Tokens of the packed pass and analytic FLOPs of one training step (flops.py)."""
+        e, cfg = self.entity_len, self.model_cfg
+        rows, row_len, scored = batch_shape(kind, 2 * e + 2, e, self.jepa, self.k)
+        vocab = self.lm.config.vocab_size
+        flops = train_step_flops(cfg.n_layer, cfg.n_embd, rows, row_len, scored, vocab)
+        return StepCost(rows * row_len, flops)
 
     def __init__(
         self, model_cfg: ModelConfig, objective: ObjectiveConfig, vocab: Vocab, entity_len: int
