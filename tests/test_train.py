@@ -20,6 +20,7 @@ from revjepa.schedule import checkpoint_steps, lr_multiplier, should_save
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+TIMING = ("steps_per_s", "tokens_per_s", "mfu")  # measured speeds: differ between any two runs
 
 # 15,600 training items with num_ga_entities 2000; tiny model so a run takes a second or two.
 SMALL = [
@@ -60,7 +61,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def metrics_without_timing(path: Path) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for r in rows:
-        r.pop("steps_per_s", None)
+        for key in TIMING:
+            r.pop(key, None)
     return rows
 
 

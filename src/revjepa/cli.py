@@ -102,9 +102,7 @@ def cmd_train(argv: list[str], prog: str = "revjepa train") -> int:
 
     a = _train_parser(prog).parse_args(argv)
     overrides = expand_preset(given_overrides(a))  # --preset NAME: its values under the flags
-    config = apply_overrides(RunConfig(), overrides)
-    config.validate()
-    train(config, overrides, a.resume_from)
+    train(apply_overrides(RunConfig(), overrides), overrides, a.resume_from)  # validates
     return 0
 
 

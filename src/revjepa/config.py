@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -440,3 +441,55 @@ def apply_overrides(config: RunConfig, overrides: dict[str, dict[str, Any]]) -> 
     for section, values in overrides.items():
         data[section].update(values)
     return RunConfig.from_dict(data)
+
+
+def resolve_config(
+    config: RunConfig,
+    overrides: dict[str, dict[str, Any]],
+    state: dict[str, Any] | None,
+    path: Path | None,
+    resume_from: str | None,
+    world: int,
+) -> RunConfig:
+    """The one resolution of a run's configuration, validated once: `config` (presets and
+    flags applied) for a fresh start; on resume, the checkpoint's configuration with the
+    resumable flags of `overrides` on top, the per-process batch following the world size."""
+    if state is None or path is None:
+        config.validate()
+        return config
+    saved = RunConfig.from_dict(state["config"])
+    # The global batch must stay the same; the per-process batch follows the world size.
+    saved_global = saved.train.batch_size * int(state.get("world_size", 1))
+    given_batch = overrides.get("train", {}).get("batch_size")
+    if given_batch is None and saved_global % world == 0:
+        per_process = saved_global // world
+    else:
+        per_process = given_batch if given_batch is not None else saved.train.batch_size
+    if per_process * world != saved_global:
+        raise UserError(
+            f"{path}: the run's global batch is {saved_global}; with {world} process(es) use "
+            f"--batch_size {saved_global / world:g} (a whole number is required)"
+        )
+    overrides = {**overrides, "train": {**overrides.get("train", {}), "batch_size": per_process}}
+    conflicts = []
+    for section, values in overrides.items():
+        saved_section = getattr(saved, section)
+        for name, value in values.items():
+            if name in RESUMABLE_OVERRIDES or name == "batch_size":
+                continue
+            if getattr(saved_section, name) != value:
+                conflicts.append(f"--{name} {value} (checkpoint: {getattr(saved_section, name)})")
+    if conflicts:
+        raise UserError(f"{path}: flags conflict with the checkpoint's run: {', '.join(conflicts)}")
+    merged = saved.to_dict()
+    for section, values in overrides.items():
+        for name, value in values.items():
+            if name in RESUMABLE_OVERRIDES or name == "batch_size":
+                merged[section][name] = value
+    if "output_dir" not in overrides.get("train", {}) and resume_from != "latest":
+        # resuming from an explicit path: keep writing next to that checkpoint's run
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        merged["train"]["output_dir"] = str(run_dir)
+    resolved = RunConfig.from_dict(merged)
+    resolved.validate()
+    return resolved

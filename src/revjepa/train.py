@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import Checkpointer, find_latest_valid, load_checkpoint
 from .compiled import compile_model, compiled_or_eager, with_model
-from .config import RESUMABLE_OVERRIDES, RunConfig
+from .config import RunConfig, resolve_config
 from .data import BatchSampler, Dataset, load_dataset
 from .distributed import Dist, init_distributed, launcher_world_size
 from .errors import UserError
@@ -95,58 +95,20 @@ def setup_logging(output_dir: Path | None, main: bool) -> None:
 # ----------------------------------------------------------------------------- run set-up
 
 
-def resolve_run(
-    config: RunConfig, overrides: dict[str, dict[str, Any]], resume_from: str | None
-) -> tuple[RunConfig, dict[str, Any] | None, Path | None]:
-    """Apply resume semantics: the checkpoint's configuration wins, except resumable fields."""
-    output_dir = Path(config.train.output_dir)
+def find_resume_state(
+    output_dir: Path, resume_from: str | None
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint to resume from (loaded and verified), or (None, None) for a fresh start:
+    no --resume_from, or `latest` in a directory without a valid checkpoint (requeue-safe)."""
     if resume_from is None:
-        return config, None, None
+        return None, None
     if resume_from == "latest":
         found = find_latest_valid(output_dir / "checkpoints")
         if found is None:
-            return config, None, None  # nothing to resume: a fresh start (requeue-safe)
+            return None, None
         path, state = found
-    else:
-        path = Path(resume_from)
-        state = load_checkpoint(path)
-    saved = RunConfig.from_dict(state["config"])
-    # The global batch must stay the same; the per-process batch follows the world size.
-    saved_global = saved.train.batch_size * int(state.get("world_size", 1))
-    world = launcher_world_size()
-    given_batch = overrides.get("train", {}).get("batch_size")
-    if given_batch is None and saved_global % world == 0:
-        per_process = saved_global // world
-    else:
-        per_process = given_batch if given_batch is not None else saved.train.batch_size
-    if per_process * world != saved_global:
-        raise UserError(
-            f"{path}: the run's global batch is {saved_global}; with {world} process(es) use "
-            f"--batch_size {saved_global / world:g} (a whole number is required)"
-        )
-    overrides = {**overrides, "train": {**overrides.get("train", {}), "batch_size": per_process}}
-    conflicts = []
-    for section, values in overrides.items():
-        saved_section = getattr(saved, section)
-        for name, value in values.items():
-            if name in RESUMABLE_OVERRIDES or name == "batch_size":
-                continue
-            if getattr(saved_section, name) != value:
-                conflicts.append(f"--{name} {value} (checkpoint: {getattr(saved_section, name)})")
-    if conflicts:
-        raise UserError(f"{path}: flags conflict with the checkpoint's run: {', '.join(conflicts)}")
-    merged = saved.to_dict()
-    for section, values in overrides.items():
-        for name, value in values.items():
-            if name in RESUMABLE_OVERRIDES or name == "batch_size":
-                merged[section][name] = value
-    if "output_dir" not in overrides.get("train", {}) and resume_from != "latest":
-        # resuming from an explicit path: keep writing next to that checkpoint's run
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        merged["train"]["output_dir"] = str(run_dir)
-    resolved = RunConfig.from_dict(merged)
-    resolved.validate()
-    return resolved, state, path
+        return state, path
+    return load_checkpoint(resume_from), Path(resume_from)
 
 
 def check_output_dir(output_dir: Path, resume_requested: bool) -> None:
@@ -215,9 +177,10 @@ def train(
     resume_from: str | None = None,
 ) -> Path:
     """Train (or resume) a run; returns the output directory."""
-    overrides = overrides or {}
-    config.validate()
-    config, state, resume_path = resolve_run(config, overrides, resume_from)
+    state, resume_path = find_resume_state(Path(config.train.output_dir), resume_from)
+    config = resolve_config(
+        config, overrides or {}, state, resume_path, resume_from, launcher_world_size()
+    )
     tc = config.train
     d = init_distributed("cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu")
     preempt = Preemption()
