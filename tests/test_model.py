@@ -24,11 +24,11 @@ from revjepa.data import (
     write_generated,
 )
 from revjepa.errors import UserError
+from revjepa.families import build_model
 from revjepa.model import (
     ROW_BUCKET,
     GPT2Jepa,
     build_gpt2,
-    build_model,
     collapse_signal,
     jepa_distance,
 )

@@ -480,7 +480,7 @@ def test_real_compile_of_the_losses_matches_eager_and_compiles_once(small_dir):
     from revjepa.compiled import compile_model
     from revjepa.config import ModelConfig, ObjectiveConfig
     from revjepa.data import Batch, load_dataset
-    from revjepa.model import build_model
+    from revjepa.families import build_model
     from revjepa.step import StepContext, forward_losses
 
     ds = load_dataset(small_dir)
@@ -524,7 +524,7 @@ def test_cuda_training_step_never_waits_for_the_device(small_dir, family):
     step, loss dropout included, with CUDA's sync debug mode raising on any host sync."""
     from revjepa.config import ModelConfig, ObjectiveConfig
     from revjepa.data import Batch, load_dataset, loss_dropout_keep
-    from revjepa.model import build_model
+    from revjepa.families import build_model
     from revjepa.step import StepContext, param_groups, train_step
 
     dev = torch.device("cuda")
@@ -562,7 +562,7 @@ def test_train_step_update_equals_clip_grad_norm_then_adamw(small_dir, max_norm)
 
     from revjepa.config import ModelConfig, ObjectiveConfig
     from revjepa.data import Batch, load_dataset
-    from revjepa.model import build_model
+    from revjepa.families import build_model
     from revjepa.step import StepContext, forward_losses, param_groups, train_step
 
     ds = load_dataset(small_dir)

@@ -15,8 +15,8 @@ from revjepa.cli import main
 from revjepa.config import ModelConfig, ObjectiveConfig
 from revjepa.data import BatchSampler, GenConfig, generate, load_dataset, write_generated
 from revjepa.distributed import Dist
+from revjepa.families import build_model
 from revjepa.flops import batch_shape, train_step_flops
-from revjepa.model import build_model
 
 TINY = [
     *("--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--batch_size", "16"),

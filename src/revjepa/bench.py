@@ -49,8 +49,8 @@ from .data import (
 )
 from .errors import UserError, one_line
 from .evaluate import evaluate_split
+from .families import build_model
 from .flops import batch_shape, train_step_flops
-from .model import build_model
 from .step import StepContext, cpu_has_bf16, make_optimizer, resolve_precision, train_step
 from .train import steps_per_epoch
 

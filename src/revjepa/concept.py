@@ -135,6 +135,10 @@ class ConceptJepa(LossFamily):
     family = "concept_jepa"
     headline_metric = "concept_mrr_full"  # evaluation metric that picks best_model.pt
 
+    @classmethod
+    def build(cls, model_cfg, objective, vocab, entity_len, train_seq=None) -> ConceptJepa:
+        return cls(model_cfg, objective, vocab, entity_len, train_seq)
+
     def __init__(
         self,
         model_cfg: ModelConfig,
@@ -387,6 +391,33 @@ class ConceptJepa(LossFamily):
             jepa_count=count,
             pred_embeddings=pred.detach(),
         )
+
+    @staticmethod
+    def format_table(results: dict[str, Any]) -> str:
+        """The evaluation table of a concept_jepa result."""
+        splits = results["splits"]
+        first = next(iter(splits.values()), {"concept_batch_size": 0, "num_entities": 0})
+        header = f"{'split':<8} {'concept loss':>13} {'concept MRR (in-batch)':>23} {'concept MRR full':>17}"
+        lines = [f"step {results['step']}  ({results['checkpoint']})", header, "-" * len(header)]
+        for name, m in splits.items():
+            lines.append(
+                f"{name:<8} {m['concept_loss']:>13.4f} {m['concept_mrr']:>23.4f} "
+                f"{m['concept_mrr_full']:>17.4f}"
+            )
+            for layer in m.get("per_layer", []):
+                lines.append(
+                    f"  L{layer['layer']:<5} {'':>13} {'':>23} {layer['concept_mrr_full']:>17.4f}"
+                )
+        lines.append(
+            f"in-batch candidates: batches of {first['concept_batch_size']} items; full: all "
+            f"{first['num_entities']} entities"
+        )
+        if "atomic" in splits and "test" in splits:
+            lines.append(
+                f"atomic (seen direction) concept MRR full {splits['atomic']['concept_mrr_full']:.4f} "
+                f"vs test (reverse) {splits['test']['concept_mrr_full']:.4f}"
+            )
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -15,6 +15,7 @@ applied only at the positions that predict e2 tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from .config import ModelConfig, ObjectiveConfig
-from .data import KIND_ID, Vocab, to_device
+from .data import KIND_ID, Split, Vocab, to_device
 from .errors import UserError
 from .fastpath import (
     TiedLMHead,
@@ -34,6 +35,7 @@ from .fastpath import (
     residual_linear_dropout,
 )
 from .flops import StepCost, batch_shape, train_step_flops
+from .metrics import item_metrics, summarise
 
 hf_logging.set_verbosity_error()
 
@@ -178,7 +180,29 @@ class LossFamily(nn.Module):
     """What the trainer, evaluator and bench see of a model family: batch (seq, kind) -> loss
     sums, in two halves: `prepare` (host side: packing plans, anything data-dependent) and
     `losses(*prepared)` (device side, fixed shapes for fixed input shapes: the half that
-    torch.compile and CUDA graphs take)."""
+    torch.compile and CUDA graphs take).
+
+    The rest of the contract, which every family defines: `family` (its registry name,
+    families.py), `headline_metric` (the evaluation metric that picks best_model.pt),
+    `step_cost(kind)` (tokens and FLOPs of a training step), `evaluate_split(split,
+    batch_size, per_layer)` (its metrics), `format_table(results)` (its evaluation table),
+    `hf_state_dict` / `load_hf_state_dict` (checkpoint weights), `export_pretrained(dir)`.
+    """
+
+    family: str
+    headline_metric: str
+
+    @classmethod
+    def build(
+        cls,
+        model_cfg: ModelConfig,
+        objective: ObjectiveConfig,
+        vocab: Vocab,
+        entity_len: int,
+        train_seq: torch.Tensor | None = None,
+    ) -> LossFamily:
+        """A fresh model of this family (`train_seq`: see `families.build_model`)."""
+        return cls(model_cfg, objective, vocab, entity_len)
 
     def forward(
         self,
@@ -397,23 +421,76 @@ class GPT2Jepa(LossFamily):
                 ]
         return out
 
+    # ------------------------------------------------------------------ evaluation
 
-def build_model(
-    model_cfg: ModelConfig,
-    objective: ObjectiveConfig,
-    vocab: Vocab,
-    entity_len: int,
-    train_seq: torch.Tensor | None = None,
-) -> nn.Module:
-    """The model of the configured family (the trainer and evaluator only use this interface).
+    @torch.no_grad()
+    def evaluate_split(self, split: Split, batch_size: int, per_layer: bool = False) -> dict:
+        """All metrics of one split (metrics.py), float32, eval mode, batches as tensor slices."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        seq, kind = split.seq.to(device), split.kind.to(device)
+        e = seq.shape[1] // 2 - 1
+        sums = {"ntp_sum": 0.0, "ntp_count": 0.0, "jepa_sum": 0.0, "jepa_count": 0.0}
+        items: dict[str, list[torch.Tensor]] = {}
+        layer_items: list[dict[str, list[torch.Tensor]]] = []
+        for start in range(0, seq.shape[0], batch_size):
+            s, k = seq[start : start + batch_size], kind[start : start + batch_size]
+            out = self(s, k, with_logits=True, per_layer=per_layer)
+            for name in sums:
+                sums[name] += float(getattr(out, name))
+            for name, value in item_metrics(out.logits, s[:, e + 2 :]).items():
+                items.setdefault(name, []).append(value.cpu())
+            if per_layer:
+                if not layer_items:
+                    layer_items = [{} for _ in out.layer_logits]
+                for store, logits in zip(layer_items, out.layer_logits):
+                    for name, value in item_metrics(logits, s[:, e + 2 :]).items():
+                        store.setdefault(name, []).append(value.cpu())
+        self.train(was_training)
+        objective = self.objective
+        ntp = sums["ntp_sum"] / max(sums["ntp_count"], 1.0)
+        jepa = sums["jepa_sum"] / sums["jepa_count"] if sums["jepa_count"] else 0.0
+        result: dict[str, Any] = {
+            "loss": objective.total(ntp, jepa),
+            "ntp_loss": ntp,
+            "jepa_loss": jepa,
+            **summarise(items),
+            "num_samples": int(seq.shape[0]),
+        }
+        if per_layer:
+            result["per_layer"] = [
+                dict(layer=i, **summarise(store)) for i, store in enumerate(layer_items)
+            ]
+        return result
 
-    `train_seq` (the training sequences) gives concept_jepa its entity table; without it (a
-    model rebuilt from a checkpoint) the table comes with the weights in load_hf_state_dict.
-    """
-    if model_cfg.family == "gpt2_jepa":
-        return GPT2Jepa(model_cfg, objective, vocab, entity_len)
-    if model_cfg.family == "concept_jepa":
-        from .concept import ConceptJepa  # concept imports this module
-
-        return ConceptJepa(model_cfg, objective, vocab, entity_len, train_seq)
-    raise UserError(f"unknown model family {model_cfg.family!r}")
+    @staticmethod
+    def format_table(results: dict[str, Any]) -> str:
+        """The evaluation table of a gpt2_jepa result."""
+        header = (
+            f"{'split':<8} {'NTP loss':>9} {'MRR avg':>8} {'MRR tok1':>9} {'MRR tok2':>9} "
+            f"{'MRR joint':>10} {'joint NLL':>10} {'joint acc':>10}"
+        )
+        lines = [f"step {results['step']}  ({results['checkpoint']})", header, "-" * len(header)]
+        for name, m in results["splits"].items():
+            lines.append(
+                f"{name:<8} {m['ntp_loss']:>9.4f} {m['mrr']:>8.4f} {m['mrr_token1']:>9.4f} "
+                f"{m['mrr_token2']:>9.4f} {m['mrr_joint']:>10.4f} {m['joint_nll']:>10.4f} "
+                f"{m['joint_accuracy']:>10.4f}"
+            )
+            for layer in m.get("per_layer", []):
+                lines.append(
+                    f"  L{layer['layer']:<5} {'':>9} {layer['mrr']:>8.4f} "
+                    f"{layer['mrr_token1']:>9.4f} {layer['mrr_token2']:>9.4f} "
+                    f"{layer['mrr_joint']:>10.4f} {layer['joint_nll']:>10.4f} "
+                    f"{layer['joint_accuracy']:>10.4f}"
+                )
+        s = results["splits"]
+        if "train" in s and "test" in s:
+            lines.append(f"train-test MRR gap: {s['train']['mrr'] - s['test']['mrr']:+.4f}")
+        if "atomic" in s and "test" in s:
+            lines.append(
+                f"atomic (seen direction) MRR {s['atomic']['mrr']:.4f} vs test (reverse) "
+                f"MRR {s['test']['mrr']:.4f}"
+            )
+        return "\n".join(lines)

@@ -27,8 +27,9 @@ from .data import BatchSampler, Dataset, load_dataset
 from .distributed import Dist, init_distributed, launcher_world_size
 from .errors import UserError
 from .evaluate import evaluate_split
+from .families import build_model
 from .flops import peak_flops
-from .model import build_model, collapse_signal
+from .model import collapse_signal
 from .runlog import RunLock, append_jsonl, truncate_jsonl, write_run_state
 from .schedule import lr_multiplier, should_eval
 from .step import StepContext, StepResult, make_optimizer, resolve_precision, train_step
