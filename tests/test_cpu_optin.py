@@ -148,11 +148,15 @@ def test_cpu_kernels_on_is_recorded_and_used(data_dir, tmp_path, monkeypatch):
     assert calls == []  # the default run in the same process: no kernel call
     # the same run with the kernels' dropout draws is another draw
     assert not _same(_weights(on), _weights(off))
-    # not a resumable override: a resume keeps the run's choice, and a conflicting flag is
-    # refused with the usual one line
-    assert main(["train", "--output_dir", str(on), "--resume_from", "latest"]) == 0
-    rc = main(["train", "--output_dir", str(on), "--resume_from", "latest", "--cpu_kernels", "off"])
-    assert rc == 2
+    # not a resumable override: a resume keeps the run's choice (and is bit for bit the
+    # uninterrupted run), and a conflicting flag is refused with the usual one line
+    part = tmp_path / "part"
+    assert main(_args(data_dir, part, "--cpu_kernels", "on", "--max_steps", "3")) == 0
+    resume = ["train", "--output_dir", str(part), "--resume_from", "latest", "--max_steps", "6"]
+    assert main([*resume, "--cpu_kernels", "off"]) == 2
+    assert main(resume) == 0
+    assert _training_args(part)["resolved"]["cpu_kernels"] is True
+    assert _same(_weights(on), _weights(part))
 
 
 def test_cpu_kernels_on_without_a_compiler_warns_once_and_runs_torch_ops(
