@@ -9,7 +9,10 @@ the headline figure (how much of the machine's matmul speed the training step tu
 work).
 
 float32 and bf16 training repeats are interleaved (same batches, same machine load) and the
-bf16 speed-up is the median of the per-repeat ratios. The machine may be shared: each training
+bf16 speed-up is the median of the per-repeat ratios. CPU training is measured twice: the
+default step (torch ops), then, where the C kernels build here, the step of `--cpu_kernels on`
+(its fused ops and its glibc malloc settings, which are process-wide: so they come after every
+figure of the default step, and their speed-up over it is a ratio of medians, not paired). The machine may be shared: each training
 figure carries its CPU share (process CPU seconds / (wall seconds x torch threads), ~1 on an idle
 machine) and the best repeat besides the median, the load average before and after is recorded,
 and the table warns when the CPU share says other work took the cores.
@@ -35,9 +38,10 @@ from typing import Any
 
 import torch
 
-from . import cpu_kernels
 from .compiled import compile_model
 from .config import RunConfig
+from .cpu import KernelsUnavailable, kernels, use_cpu_kernels, uses_cpu_kernels
+from .cpu.hostmem import tune_glibc_malloc
 from .data import (
     KIND_ID,
     BatchSampler,
@@ -191,6 +195,7 @@ class TrainBench:
         device: torch.device,
         steps: int,
         variant: str = "eager",
+        cpu_kernels: bool = False,
     ) -> None:
         cfg = model_config(size)
         self.tc, self.oc = cfg.train, cfg.objective
@@ -199,6 +204,10 @@ class TrainBench:
         torch.manual_seed(self.tc.seed)
         self.model = build_model(cfg.model, self.oc, vocab, entity_len).to(device)
         self.model.train()
+        if cpu_kernels:  # the swap of `--cpu_kernels on` (eager CPU steps only)
+            if variant != "eager" or device.type != "cpu":
+                raise ValueError("the CPU kernels are for eager CPU steps")
+            use_cpu_kernels(self.model)
         optimizer = make_optimizer(self.model, self.tc.learning_rate, self.tc.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -283,6 +292,7 @@ class TrainBench:
             "precision": self.precision,
             "device": str(self.device),
             "variant": self.variant,
+            "cpu_kernels": uses_cpu_kernels(self.model),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "batch_size": self.batch,
             "rows_per_step": sum(r for r, _, _ in self.shapes) / n,
@@ -315,10 +325,14 @@ def bench_train(
     repeats: int,
     warmup: int,
     steps: int,
+    cpu_kernels: bool = False,
 ) -> list[dict[str, Any]]:
-    """Time `train_step` for each (size, precision, device, variant); repeats interleaved."""
+    """Time `train_step` for each (size, precision, device, variant); repeats interleaved.
+    `cpu_kernels`: every model with the fused CPU ops of `--cpu_kernels on`."""
     benches = [
-        TrainBench(seq_all, kind_all, vocab, entity_len, size, prec, dev, steps, variant)
+        TrainBench(
+            seq_all, kind_all, vocab, entity_len, size, prec, dev, steps, variant, cpu_kernels
+        )
         for size, prec, dev, variant in runs
     ]
     for b in benches:
@@ -398,6 +412,47 @@ def bench_step_gemms(
         "seconds": seconds,
         "flops_per_s": flops / seconds,
     }
+
+
+def bench_cpu_kernels(
+    ds, sizes: BenchSizes, wanted: list[str], train_cpu, matmul_cpu, repeats: int
+) -> tuple[dict[str, Any], str | None]:
+    """The CPU training figures of `--cpu_kernels on` (fused ops + glibc malloc settings) and
+    the library's file name; ({"skipped": why}, None) where the kernels do not build here."""
+    try:
+        lib = kernels.load()
+    except KernelsUnavailable as exc:
+        return {"skipped": str(exc)}, None
+    tuned = tune_glibc_malloc()
+    _log(f"bench: training steps, cpu {' and '.join(wanted)}, --cpu_kernels on")
+    measured = bench_train(
+        ds.train.seq,
+        ds.train.kind,
+        ds.vocab,
+        ds.entity_len,
+        [(sizes.cpu_model, p, torch.device("cpu"), "eager") for p in wanted],
+        repeats,
+        sizes.warmup_steps,
+        sizes.steps_per_repeat,
+        cpu_kernels=True,
+    )
+    out: dict[str, Any] = {p: train_cpu[p] for p in ("fp32", "bf16") if p not in wanted}
+    for precision, tr in zip(wanted, measured):
+        tr["glibc_malloc_tuned"] = tuned
+        tr["fraction_of_matmul"] = tr["achieved_flops_per_s"] / matmul_cpu[precision]["flops_per_s"]
+        # not paired: the default step ran earlier in this process (ratio of the medians)
+        tr["speedup_over_default"] = tr["steps_per_s"] / train_cpu[precision]["steps_per_s"]
+        out[precision] = tr
+    if "skipped" not in out["bf16"]:
+        out["bf16_speedup"] = paired_speedup(out["fp32"], out["bf16"])
+    return out, str(lib._name)
+
+
+def _cpu_trainings(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The CPU training figures of both steps (default, and `--cpu_kernels on` if measured)."""
+    out = list(results["train_cpu"].values())
+    kern = results.get("train_cpu_kernels", {})
+    return out + [kern[p] for p in ("fp32", "bf16") if p in kern]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -544,7 +599,7 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
             train_cpu[precision] = {"skipped": notices[-1] if notices else "unsupported"}
         else:
             wanted.append(precision)
-    _log(f"bench: training steps, cpu {' and '.join(wanted)}")
+    _log(f"bench: training steps, cpu {' and '.join(wanted)}, the default step (torch ops)")
     measured = bench_train(
         ds.train.seq,
         ds.train.kind,
@@ -605,6 +660,12 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         min(repeats, sizes.eval_repeats),
     )
 
+    # ---- CPU training again with --cpu_kernels on: last of the CPU figures, as its malloc
+    # settings stay for the rest of the process
+    results["train_cpu_kernels"], lib_name = bench_cpu_kernels(
+        ds, sizes, wanted, train_cpu, matmul_cpu, repeats
+    )
+
     # ---- the seed's configuration on the GPU
     if torch.cuda.is_available():
         gpu = torch.device("cuda", torch.cuda.current_device())
@@ -647,7 +708,7 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         "load_vs_json_delta_ratio": rss_load["delta_mib"] / max(rss_json["delta_mib"], 1e-9),
     }
     results["bench_seconds"] = time.perf_counter() - wall_start
-    shares = [tr["cpu_share"] for tr in train_cpu.values() if "cpu_share" in tr]
+    shares = [tr["cpu_share"] for tr in _cpu_trainings(results) if "cpu_share" in tr]
     results["machine_busy"] = bool(shares) and min(shares) < BUSY_CPU_SHARE
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -656,8 +717,9 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         "cpu_model": cpu_model_name(),
         "cpu_has_bf16": cpu_has_bf16(),
         "threads": torch.get_num_threads(),
-        # the fused C kernels of the CPU step (None: torch ops, see cpu_kernels)
-        "cpu_kernels": str(lib._name) if (lib := cpu_kernels.library()) is not None else None,
+        # the C kernels' library when the `--cpu_kernels on` step was measured too, else None
+        # (results.train_cpu_kernels.skipped says why); results.train_cpu is the default step
+        "cpu_kernels": lib_name,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average_1min": {"start": load_start, "end": _loadavg()},
         "config": {
@@ -716,6 +778,30 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         ]
     if "bf16_speedup" in r:
         rows.append(("bf16 speed-up over fp32 (paired)", f"{r['bf16_speedup']:.2f}", "x"))
+    kern = r.get("train_cpu_kernels", {"skipped": "not measured"})
+    if "skipped" in kern:
+        rows.append(("train cpu, --cpu_kernels on", "skipped", kern["skipped"][:60]))
+    else:
+        for precision in ("fp32", "bf16"):
+            tr = kern[precision]
+            if "skipped" in tr:
+                continue
+            name = f"train cpu {precision} --cpu_kernels on"
+            rows += [
+                (f"{name} steps/s", f"{tr['steps_per_s']:.3f}", "steps/s"),
+                (f"{name} achieved", _g(tr["achieved_flops_per_s"]), "GFLOP/s"),
+                (f"{name} train/matmul", f"{tr['fraction_of_matmul']:.3f}", "ratio"),
+                (
+                    f"{name} speed-up",
+                    f"{tr['speedup_over_default']:.2f}",
+                    "x the default step (ratio of medians)",
+                ),
+                (f"{name} CPU share", f"{tr['cpu_share']:.2f}", "of threads x wall"),
+            ]
+        if "bf16_speedup" in kern:
+            rows.append(
+                ("bf16 speed-up, --cpu_kernels on (paired)", f"{kern['bf16_speedup']:.2f}", "x")
+            )
     ev = r["eval"]
     rows.append(("eval items/s (3 splits)", f"{ev['items_per_s']:,.0f}", "items/s"))
     rows.append(("eval total", f"{ev['total_seconds']:.2f}", "s"))
@@ -756,9 +842,7 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def busy_warning(report: dict[str, Any]) -> str | None:
     """A warning line when other work took the cores during the timed training repeats."""
-    shares = [
-        tr["cpu_share"] for tr in report["results"]["train_cpu"].values() if "cpu_share" in tr
-    ]
+    shares = [tr["cpu_share"] for tr in _cpu_trainings(report["results"]) if "cpu_share" in tr]
     if shares and min(shares) < BUSY_CPU_SHARE:
         return (
             f"WARNING: the machine was busy (CPU share {min(shares):.2f} < {BUSY_CPU_SHARE}): "
@@ -773,7 +857,12 @@ def format_table(report: dict[str, Any]) -> str:
     head = [
         f"revjepa bench  {report['date']}  torch {report['torch']}  {report['threads']} threads",
         f"cpu: {report['cpu_model']}  (load average start {la['start']}, end {la['end']})",
-        f"CPU C kernels: {'on' if report.get('cpu_kernels') else 'off (torch ops)'}",
+        "CPU training: the default step (torch ops)"
+        + (
+            " and --cpu_kernels on (C kernels)"
+            if report.get("cpu_kernels")
+            else " only (--cpu_kernels on not measured: the C kernels did not build)"
+        ),
     ]
     busy = busy_warning(report)
     if busy:

@@ -20,7 +20,6 @@ from .config import (
     new_parser,
 )
 from .errors import UserError
-from .hostmem import tune_glibc_malloc
 
 
 def cmd_gen_data(argv: list[str]) -> int:
@@ -218,7 +217,6 @@ COMMANDS = {
 
 
 def run_guarded(fn, argv: list[str]) -> int:
-    tune_glibc_malloc()  # before torch allocates anything big
     try:
         return fn(argv)
     except UserError as exc:

@@ -43,9 +43,9 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from .config import ModelConfig, ObjectiveConfig
 from .data import Split, Vocab
 from .errors import UserError
-from .fastpath import dropout
 from .flops import StepCost, blocks_forward_flops
 from .model import LossFamily, LossOutput, gpt2_block
+from .ops import TORCH_OPS, StepOps
 
 HEAD, RELATION, MASK, TAIL = range(4)
 NUM_PATCHES = 4
@@ -97,12 +97,15 @@ def entity_table(train_seq: torch.Tensor, entity_len: int) -> torch.Tensor:
 
 
 def run_blocks(
-    blocks: nn.ModuleList, h: torch.Tensor, collect_layers: bool = False
+    blocks: nn.ModuleList,
+    h: torch.Tensor,
+    collect_layers: bool = False,
+    ops: StepOps = TORCH_OPS,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """GPT-2 blocks with causal attention over axis 1 (the math of `model.gpt2_hidden_states`)."""
     layers = [h] if collect_layers else []
     for block in blocks:
-        h = gpt2_block(block, h)
+        h = gpt2_block(block, h, ops=ops)
         if collect_layers:
             layers.append(h)
     return h, layers
@@ -313,7 +316,8 @@ class ConceptJepa(LossFamily):
             w = real.to(emb.dtype)[..., None]
             u = (emb * w).sum(1) / w.sum(1).clamp(min=1)
             return self.memory(u)
-        h, _ = run_blocks(self.rec, dropout(self.wte(patches), self.drop.p, self.training))
+        x = self.ops.dropout(self.wte(patches), self.drop.p, self.training)
+        h, _ = run_blocks(self.rec, x, ops=self.ops)
         last = (real.sum(1) - 1).clamp(min=0)
         return h[torch.arange(h.shape[0], device=h.device), last]
 
@@ -331,7 +335,7 @@ class ConceptJepa(LossFamily):
         b = patches.shape[0]
         concepts = self.recognise(patches.flatten(0, 1)).view(b, NUM_PATCHES, -1)
         # causal attention: the <mask> output never sees the tail, so the tail is not fed at all
-        h, layers = run_blocks(self.sem, concepts[:, :TAIL], collect_layers)
+        h, layers = run_blocks(self.sem, concepts[:, :TAIL], collect_layers, self.ops)
         return patches, concepts, self.normalise_pred(h[:, MASK]), layers
 
     def in_batch_logits(

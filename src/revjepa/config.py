@@ -22,6 +22,7 @@ MODEL_FAMILIES = ("gpt2_jepa", "concept_jepa")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONCEPT_NORMS = ("rms", "layernorm")
 CONCEPT_CANDIDATES = ("all", "entities")
+ON_OFF = ("on", "off")
 
 # Named partial configurations (`--preset NAME`; explicit flags override them). The ws_* ones are
 # Wang & Sun (2025)'s concept-level JEPA settings (§3.3 / App. B): d = 768, 12 heads, batch 1024,
@@ -184,6 +185,12 @@ class TrainConfig:
         "compiling for one CUDA device, off under DDP), on, off",
         choices=("auto", "on", "off"),
     )
+    cpu_kernels: str = _f(
+        "off",
+        "fused C kernels for the eager CPU step, built with this machine's C compiler: on, or "
+        "off (plain torch ops); with dropout > 0 they draw other dropout masks",
+        choices=ON_OFF,
+    )
     max_bad_steps: int = _f(20, "stop after this many consecutive non-finite steps")
     device: str = _f("auto", "auto | cpu | cuda")
     peak_tflops: float | None = _f(
@@ -202,7 +209,8 @@ class TrainConfig:
         return 3_000_000
 
 
-# Fields that may differ between a checkpoint's run and a resume of it.
+# Fields that may differ between a checkpoint's run and a resume of it. Not `cpu_kernels`:
+# it changes the dropout stream (and float order), so a resume keeps the run's choice.
 RESUMABLE_OVERRIDES = {
     "max_steps",
     "num_epochs",
@@ -304,6 +312,8 @@ class RunConfig:
             raise UserError(f"unknown --scheduler {t.scheduler!r}")
         if t.valid_split not in SPLITS:
             raise UserError(f"unknown --valid_split {t.valid_split!r}")
+        if t.cpu_kernels not in ON_OFF:
+            raise UserError(f"--cpu_kernels must be on or off, got {t.cpu_kernels!r}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"unknown --device {t.device!r}")
         if t.preset is not None and t.preset not in PRESETS:

@@ -26,16 +26,9 @@ from transformers.utils import logging as hf_logging
 from .config import ModelConfig, ObjectiveConfig
 from .data import KIND_ID, Split, Vocab, to_device
 from .errors import UserError
-from .fastpath import (
-    TiedLMHead,
-    attention,
-    cross_entropy_sum,
-    dropout,
-    linear_gelu,
-    residual_linear_dropout,
-)
 from .flops import StepCost, batch_shape, train_step_flops
 from .metrics import item_metrics, summarise
+from .ops import TORCH_OPS, StepOps
 
 hf_logging.set_verbosity_error()
 
@@ -72,21 +65,25 @@ def build_gpt2(cfg: ModelConfig, vocab: Vocab) -> GPT2LMHeadModel:
 
 
 def gpt2_block(
-    block: nn.Module, h: torch.Tensor, attn_mask: torch.Tensor | None = None
+    block: nn.Module,
+    h: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    ops: StepOps = TORCH_OPS,
 ) -> torch.Tensor:
     """One HF `GPT2Block` on h (R, T, d): causal attention when `attn_mask` is None, else the
-    given boolean mask (R or 1, 1, T, T; True = attend). Same math as HF's block, fewer ops."""
+    given boolean mask (R or 1, 1, T, T; True = attend). Same math as HF's block, fewer ops;
+    `ops` are the model's (see `revjepa.ops`)."""
     attn = block.attn
-    y = attention(
+    y = ops.attention(
         attn.c_attn(block.ln_1(h)), attn_mask, attn.num_heads, attn.attn_dropout.p, attn.training
     )
     c_proj, p = attn.c_proj, attn.resid_dropout.p
-    h = residual_linear_dropout(h, y, c_proj.weight, c_proj.bias, p, attn.training)
+    h = ops.residual_linear_dropout(h, y, c_proj.weight, c_proj.bias, p, attn.training)
     mlp = block.mlp
-    # c_fc, then GPT-2's "gelu_new" as one fused kernel (HF's version is 8 elementwise ops)
-    a = linear_gelu(block.ln_2(h), mlp.c_fc.weight, mlp.c_fc.bias)
+    # c_fc, then GPT-2's "gelu_new" as one op (HF's version is 8 elementwise ops)
+    a = ops.linear_gelu(block.ln_2(h), mlp.c_fc.weight, mlp.c_fc.bias)
     c_proj, p = mlp.c_proj, mlp.dropout.p
-    return residual_linear_dropout(h, a, c_proj.weight, c_proj.bias, p, mlp.training)
+    return ops.residual_linear_dropout(h, a, c_proj.weight, c_proj.bias, p, mlp.training)
 
 
 def gpt2_hidden_states(
@@ -96,23 +93,24 @@ def gpt2_hidden_states(
     mask: torch.Tensor,
     use_positions: bool,
     collect_layers: bool = False,
-    tied: TiedLMHead | None = None,
+    tied=None,
+    ops: StepOps = TORCH_OPS,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run GPT-2's blocks with an explicit (R, T, T) boolean attention mask (True = attend).
 
     Returns the last block's output BEFORE the final LayerNorm and, if asked, every layer's
     output (embeddings first), also before ln_f. `tied`: look the tokens up through the
-    caller's TiedLMHead (whose loss will use the same matrix).
+    caller's tied head (`ops.tied_head`, whose loss will use the same matrix).
     """
     tr = lm.transformer
     h = tr.wte(ids) if tied is None else tied.embed(ids)
     if use_positions:
         h = h + tr.wpe(pos)
-    h = dropout(h, tr.drop.p, tr.drop.training)
+    h = ops.dropout(h, tr.drop.p, tr.drop.training)
     layers = [h] if collect_layers else []
     attn_mask = mask[:, None]
     for block in tr.h:
-        h = gpt2_block(block, h, attn_mask)
+        h = gpt2_block(block, h, attn_mask, ops)
         if collect_layers:
             layers.append(h)
     return h, layers
@@ -180,7 +178,8 @@ class LossFamily(nn.Module):
     """What the trainer, evaluator and bench see of a model family: batch (seq, kind) -> loss
     sums, in two halves: `prepare` (host side: packing plans, anything data-dependent) and
     `losses(*prepared)` (device side, fixed shapes for fixed input shapes: the half that
-    torch.compile and CUDA graphs take).
+    torch.compile and CUDA graphs take). `ops`: the implementations of the block and head ops
+    this model calls, plain torch unless set up otherwise (`revjepa.cpu.use_cpu_kernels`).
 
     The rest of the contract, which every family defines: `family` (its registry name,
     families.py), `headline_metric` (the evaluation metric that picks best_model.pt),
@@ -191,6 +190,7 @@ class LossFamily(nn.Module):
 
     family: str
     headline_metric: str
+    ops: StepOps = TORCH_OPS
 
     @classmethod
     def build(
@@ -362,7 +362,8 @@ class GPT2Jepa(LossFamily):
         ids = torch.cat([first, tail], 1)
         row_type = 1 - jepa_row
         head = self.lm.lm_head.weight
-        tied = TiedLMHead(head) if head is self.lm.transformer.wte.weight else None
+        ops = self.ops
+        tied = ops.tied_head(head) if head is self.lm.transformer.wte.weight else None
         h, layers = gpt2_hidden_states(
             self.lm,
             ids,
@@ -371,6 +372,7 @@ class GPT2Jepa(LossFamily):
             self.model_cfg.position_embeddings,
             collect_layers=per_layer,
             tied=tied,
+            ops=ops,
         )
 
         # NTP: the E positions before each e2 token, for every item, in packing order.
@@ -381,7 +383,7 @@ class GPT2Jepa(LossFamily):
         want_logits = with_logits or per_layer  # a flag of the call, not of the data
         if want_logits or tied is None:
             logits = scored @ head.T  # (B, E, V)
-            ntp_sum = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
+            ntp_sum = ops.cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
         else:  # training: the (B * E, V) logits never leave the loss
             ntp_sum = tied.cross_entropy_sum(scored.flatten(0, 1), targets.flatten())
         out = LossOutput(

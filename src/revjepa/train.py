@@ -23,6 +23,7 @@ import torch
 from .checkpoint import Checkpointer, find_latest_valid, load_checkpoint
 from .compiled import compile_model, compiled_or_eager, with_model
 from .config import RunConfig, resolve_config
+from .cpu import setup_cpu_kernels, uses_cpu_kernels
 from .data import BatchSampler, Dataset, load_dataset
 from .distributed import Dist, init_distributed, launcher_world_size
 from .errors import UserError
@@ -243,6 +244,7 @@ def setup_run(
         lock = RunLock(output_dir)
         write_run_state(output_dir, "running", start_step, max_steps, None)
     setup_logging(output_dir if d.main else None, d.main)
+    setup_cpu_kernels(model, tc.cpu_kernels, device, use_compile, d, log.warning)  # once, here
     precision = resolve_precision(tc.precision, device, log.warning)
     if tc.max_steps is not None and tc.num_epochs is not None:
         log.info(f"--max_steps {tc.max_steps} given: it wins over --num_epochs {tc.num_epochs}")
@@ -311,6 +313,7 @@ def _announce(run: Run, resume_path: Path | None, use_compile: bool, cuda_graphs
         "precision": precision,
         "compile": use_compile,
         "cuda_graphs": cuda_graphs,
+        "cpu_kernels": uses_cpu_kernels(run.model),
         "device": str(device),
         "cpu_threads": torch.get_num_threads(),
         "parameters": n_params,
