@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from revjepa.bench import FULL, QUICK, TrainBench, _sync
+from revjepa.bench import FULL, QUICK, TrainBench, sync_device
 from revjepa.data import GenConfig, generate, load_dataset, write_generated
 from revjepa.errors import one_line
 
@@ -28,13 +28,13 @@ from revjepa.errors import one_line
 def _time_steps(b: TrainBench, steps: int, repeats: int) -> dict[str, float]:
     per_step, issue = [], []
     for _ in range(repeats):
-        _sync(b.device)
+        sync_device(b.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             b._run(b.step)
             b.step += 1
         t1 = time.perf_counter()
-        _sync(b.device)
+        sync_device(b.device)
         t2 = time.perf_counter()
         issue.append((t1 - t0) / steps)
         per_step.append((t2 - t0) / steps)
@@ -55,7 +55,7 @@ def _profile(b: TrainBench, dev: torch.device, path: Path) -> float:
         for _ in range(5):
             b._run(b.step)
             b.step += 1
-        _sync(b.device)
+        sync_device(b.device)
     table = prof.key_averages().table(sort_by=f"{dev.type}_time_total", row_limit=30)
     path.write_text(table)
     print(table[:5000], flush=True)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-import revjepa.cpu_kernels as cpu_kernels
+import revjepa.cpu.kernels as cpu_kernels
 from revjepa.bench import batch_shape, train_step_flops
 from revjepa.cli import main
 from revjepa.data import KIND_ID
@@ -47,11 +47,28 @@ def test_bench_quick_writes_results(tmp_path, capsys):
     for key in ("date", "torch", "cpu_model", "threads", "config", "results"):
         assert key in report
     assert report["threads"] >= 1 and report["config"]["quick"] is True
-    # which step ran: the C kernels' library file, or None for torch ops (said in the table)
+    # which steps ran: always the default (torch ops), and --cpu_kernels on where the kernels
+    # build (the library's file in the JSON, said in the table's header)
     lib = cpu_kernels.library()
     assert report["cpu_kernels"] == (None if lib is None else lib._name)
-    assert f"CPU C kernels: {'on' if lib is not None else 'off (torch ops)'}" in printed
+    assert "CPU training: the default step (torch ops)" in printed
+    assert ("and --cpu_kernels on (C kernels)" in printed) == (lib is not None)
     r = report["results"]
+    kern = r["train_cpu_kernels"]
+    if lib is None:
+        assert "not built" in kern["skipped"]
+    else:
+        assert "train cpu fp32 --cpu_kernels on steps/s" in printed
+        for precision in ("fp32", "bf16"):
+            tr, default = kern[precision], r["train_cpu"][precision]
+            if "skipped" in default:
+                assert tr == default
+                continue
+            assert tr["cpu_kernels"] is True and default["cpu_kernels"] is False
+            assert tr["glibc_malloc_tuned"] in (True, False)
+            for key in ("steps_per_s", "fraction_of_matmul", "speedup_over_default"):
+                assert _positive(tr[key]), (precision, key)
+            assert tr["tokens_per_step"] == default["tokens_per_step"]  # the same batches
     for key in ("gen_seconds", "write_seconds", "load_seconds", "train_items", "vocab_size"):
         assert _positive(r["data"][key]), key
 

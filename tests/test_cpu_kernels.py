@@ -1,6 +1,6 @@
-"""The C kernels (attention, tanh-GELU with its bias, softmax cross-entropy, dropout draws)
-against float64 references written with plain torch ops, and the build: cache, fallback to
-torch ops, the switch that turns them off."""
+"""The C kernels of `--cpu_kernels on` (attention, tanh-GELU with its bias, softmax
+cross-entropy, dropout draws) against float64 references written with plain torch ops, and the
+build: cache, and what happens where they cannot be built."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import revjepa.cpu_kernels as cpu_kernels
-import revjepa.fastpath as fastpath
-from revjepa.fastpath import TiedLMHead, attention, linear_gelu, residual_linear_dropout
+import revjepa.cpu.fastpath as fastpath
+import revjepa.cpu.kernels as cpu_kernels
+from revjepa.cpu.fastpath import TiedLMHead, attention, linear_gelu, residual_linear_dropout
+from revjepa.cpu.hostmem import tune_glibc_malloc
 
 needs_kernels = pytest.mark.skipif(
     cpu_kernels.library() is None, reason="no C compiler: the kernels could not be built"
@@ -187,7 +188,7 @@ def test_attention_equals_sdpa_causal_and_eval_paths(monkeypatch):
     qkv = torch.randn(rows, t, 3 * 2 * 8)
     g = torch.randn(rows, t, 16)
     fast = _grads(lambda x: attention(x, None, heads, 0.1, False), qkv, g)
-    monkeypatch.setattr(fastpath, "_kernels", lambda x: None)
+    monkeypatch.setattr(fastpath, "_fits", lambda x: False)
     plain = _grads(lambda x: attention(x, None, heads, 0.1, False), qkv, g)
     for a, b in zip(fast, plain):
         assert_close_to_scale(a, b, 1e-5)
@@ -211,10 +212,10 @@ def test_attention_query_with_nothing_to_attend_gets_zeros_not_nan():
 
 def test_other_dtypes_and_autocast_take_torch_ops():
     qkv = torch.randn(3, 5, 24, dtype=torch.float64)
-    assert fastpath._kernels(qkv) is None
-    assert fastpath._kernels(qkv.bfloat16()) is None  # bf16 outside autocast
+    assert not fastpath._fits(qkv)
+    assert not fastpath._fits(qkv.bfloat16())  # bf16 outside autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 GEMM output under autocast
-        assert fastpath._kernels(qkv.bfloat16()) is cpu_kernels.library()
+        assert fastpath._fits(qkv.bfloat16())
     y = attention(qkv, None, 2, 0.0, True)
     assert y.dtype == torch.float64
     assert torch.allclose(y, _attention64(qkv, torch.ones(3, 5, 5, dtype=torch.bool).tril(), 2))
@@ -291,31 +292,45 @@ def test_build_is_cached_by_content(tmp_path, monkeypatch):
 
 
 _FALLBACK = """
-import torch, torch.nn.functional as F
-from revjepa import cpu_kernels, fastpath
-assert cpu_kernels.library() is None and cpu_kernels.library() is None
-x = torch.randn(4, 6, 3 * 8)
-y = fastpath.attention(x, None, 2, 0.0, True)
-q, k, v = (t.view(4, 6, 2, 4).transpose(1, 2) for t in x.split(8, 2))
-ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(4, 6, 8)
-assert torch.equal(y, ref)
-print("ok")
+import torch
+from revjepa.cpu import kernels, setup_cpu_kernels, uses_cpu_kernels
+from revjepa.distributed import Dist
+assert kernels.library() is None and kernels.library() is None
+said = []
+model = torch.nn.Linear(2, 2)
+assert not setup_cpu_kernels(model, "on", torch.device("cpu"), False, Dist(), said.append)
+assert not uses_cpu_kernels(model) and len(said) == 1
+print(said[0])
 """
 
 
-@pytest.mark.parametrize("env", [{"CC": "/bin/false"}, {"REVJEPA_CPU_KERNELS": "0"}])
-def test_without_kernels_torch_ops_run_and_say_so_once(tmp_path, env):
-    # not inherited: a suite run with the kernels switched off must still see a failed build
-    inherited = {k: v for k, v in os.environ.items() if k not in ("REVJEPA_CPU_KERNELS", "CC")}
+@pytest.mark.parametrize(
+    ("env", "why"),
+    [({"CC": "/bin/false"}, "not built"), ({"CC": "/nonexistent/cc"}, "No such file")],
+    ids=["failing-compiler", "no-compiler"],
+)
+def test_without_kernels_torch_ops_run_and_say_so_once(tmp_path, env, why):
+    # not inherited: a suite run with CC set must still see the failed build
+    inherited = {k: v for k, v in os.environ.items() if k != "CC"}
     full = {**inherited, "REVJEPA_KERNEL_CACHE": str(tmp_path), **env}
     out = subprocess.run(
         [sys.executable, "-c", _FALLBACK], env=full, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
-    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("revjepa:")]
-    if "CC" in env:  # a failed build is reported once, in one line
-        assert len(lines) == 1 and "CPU kernels not built" in lines[0]
-    else:  # turned off on purpose: nothing to report
-        assert lines == []
+    (line,) = out.stdout.strip().splitlines()  # the one warning, through the caller's logger
+    assert line.startswith("--cpu_kernels on does not apply here") and why in line, line
+    assert "torch's ops" in line
+    assert out.stderr == ""  # nothing printed behind the caller's back
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- malloc
+
+
+def test_malloc_settings_apply_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert tune_glibc_malloc() is True
+    assert tune_glibc_malloc() is True  # idempotent

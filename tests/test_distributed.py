@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from revjepa.config import ModelConfig, ObjectiveConfig
-from revjepa.data import GenConfig, generate, load_dataset, write_generated
+from revjepa.data import GenConfig, epoch_permutation, generate, load_dataset, write_generated
 from revjepa.model import GPT2Jepa
-from revjepa.train import epoch_permutation
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -30,12 +30,10 @@ from revjepa.evaluate import (
     best_steps,
     evaluate_checkpoint,
     evaluate_split,
-    item_metrics,
-    joint_ranks,
     model_from_checkpoint,
     read_jsonl,
-    token_ranks,
 )
+from revjepa.metrics import item_metrics, joint_ranks, token_ranks
 from revjepa.model import GPT2Jepa
 
 REPO = Path(__file__).resolve().parents[1]

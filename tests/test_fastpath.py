@@ -1,5 +1,5 @@
-"""The CPU fast paths (dropout masks, fused cross-entropy, row padding, malloc settings) give
-the same results as the straightforward torch ops they replace."""
+"""The fused CPU ops of `--cpu_kernels on` (dropout masks, fused cross-entropy, the tied LM
+head) and the row padding give the same results as the plain torch ops of the default."""
 
 from __future__ import annotations
 
@@ -9,13 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import revjepa.fastpath as fastpath
+import revjepa.cpu.fastpath as fastpath
+import revjepa.cpu.kernels as cpu_kernels
 import revjepa.model as model_mod
 from revjepa.config import ModelConfig, ObjectiveConfig
+from revjepa.cpu import use_cpu_kernels
+from revjepa.cpu.fastpath import TiedLMHead, cross_entropy_sum, dropout, residual_dropout
 from revjepa.data import KIND_ID, load_dataset
-from revjepa.fastpath import TiedLMHead, cross_entropy_sum, dropout, residual_dropout
-from revjepa.hostmem import tune_glibc_malloc
 from revjepa.model import GPT2Jepa
+
+# every op here runs the C kernels (dropout draws, softmax cross-entropy)
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.library() is None, reason="no C compiler: the kernels could not be built"
+)
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -273,12 +279,13 @@ def ds(small_dir):
 
 
 def _losses_and_grads(ds, plain: bool, bucket: int, monkeypatch, dtype=None):
-    monkeypatch.setattr(fastpath, "_plain", lambda x: plain)
     monkeypatch.setattr(model_mod, "ROW_BUCKET", bucket)
     torch.manual_seed(0)
     mc = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=16, dropout=0.0)
     oc = ObjectiveConfig(k_pred_tok=2)
     model = GPT2Jepa(mc, oc, ds.vocab, ds.entity_len).train()
+    if not plain:
+        use_cpu_kernels(model)
     seq, kind = ds.train.seq[:21], ds.train.kind[:21]
     assert 0 < int((kind == KIND_ID["train"]).sum()) < 21
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
@@ -291,7 +298,8 @@ def _losses_and_grads(ds, plain: bool, bucket: int, monkeypatch, dtype=None):
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_optimised_step_equals_the_straightforward_one(ds, monkeypatch, dtype):
-    """Fused cross-entropy + row padding vs F.cross_entropy without padding (dropout 0)."""
+    """The fused ops of `--cpu_kernels on` + row padding vs the plain ops without padding
+    (dropout 0)."""
     ntp_a, jepa_a, ga = _losses_and_grads(ds, False, 8, monkeypatch, dtype)
     ntp_b, jepa_b, gb = _losses_and_grads(ds, True, 1, monkeypatch, dtype)
     tol = 1e-5 if dtype is None else 2e-2
@@ -301,15 +309,3 @@ def test_optimised_step_equals_the_straightforward_one(ds, monkeypatch, dtype):
     for name in ga:
         scale = gb[name].abs().max().item() + 1e-12
         assert (ga[name] - gb[name]).abs().max().item() <= tol * scale, name
-
-
-# ----------------------------------------------------------------------------- malloc
-
-
-def test_malloc_settings_apply_on_glibc():
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt is glibc's")
-    assert tune_glibc_malloc() is True
-    assert tune_glibc_malloc() is True  # idempotent

@@ -15,17 +15,23 @@ from transformers import GPT2LMHeadModel
 
 import revjepa.model as model_mod
 from revjepa.config import ModelConfig, ObjectiveConfig
-from revjepa.data import KIND_ID, GenConfig, generate, load_dataset, write_generated
+from revjepa.data import (
+    KIND_ID,
+    GenConfig,
+    generate,
+    load_dataset,
+    loss_dropout_keep,
+    write_generated,
+)
 from revjepa.errors import UserError
+from revjepa.families import build_model
 from revjepa.model import (
     ROW_BUCKET,
     GPT2Jepa,
     build_gpt2,
-    build_model,
     collapse_signal,
     jepa_distance,
 )
-from revjepa.train import loss_dropout_keep
 
 TRAIN, ATOMIC, TEST = KIND_ID["train"], KIND_ID["atomic"], KIND_ID["test"]
 

@@ -123,7 +123,8 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 def clean_metrics(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
-        r.pop("steps_per_s")
+        for key in ("steps_per_s", "tokens_per_s", "mfu"):  # measured speeds
+            r.pop(key, None)
     return rows
 
 

@@ -105,20 +105,14 @@ def job_info(cluster: dict, job: str) -> dict[str, str]:
 
 
 def wait_for(cluster: dict, job: str, timeout: float = 240) -> dict[str, str]:
-    """The job's final record. A requeued batch job waits ~2 min (SLURM's requeue delay) before
-    it may start again: the test moves its start time to now, as an admin could."""
+    """The job's final record. A requeued batch job starts again only when its old credential
+    has expired (slurm_local.sh sets 10 s; SLURM's default is 120 s). Moving its start time to
+    now instead makes slurmd refuse the launch ("Job credential revoked")."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = job_info(cluster, job)
         if info.get("JobState") in FINAL_STATES:
             return info
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            subprocess.run(
-                ["scontrol", "update", f"JobId={job}", "StartTime=now"],
-                env=cluster["env"],
-                capture_output=True,
-                timeout=30,
-            )
         time.sleep(0.3)
     raise AssertionError(f"job {job} did not end in {timeout} s: {job_info(cluster, job)}")
 
@@ -309,7 +303,7 @@ def test_job_array_tasks_train_their_own_runs(cluster):
 def test_two_task_srun_matches_one_process(cluster):
     """The script's multi-process path (MASTER_ADDR from `scontrol show hostnames`, srun with
     one task per GPU), here as 2 CPU tasks on the one node: the same global batch as a
-    1-process job, weights within 1e-5, and one writer of checkpoints and metrics."""
+    1-process job, weights within 1e-4, and one writer of checkpoints and metrics."""
     root = cluster["root"]
     # float32 (EXTRA_ARGS come after the script's --precision bf16 and win)
     schedule = "--max_steps 30 --eval_steps 30 --log_interval 10 --learning_rate 1e-3"
@@ -344,8 +338,10 @@ def test_two_task_srun_matches_one_process(cluster):
         "best_model.pt",
         "checkpoint_step_30.pt",
     ]
+    # 1e-4 as in test_distributed (measured up to ~1.1e-5 after 30 steps: the gradient
+    # all-reduce sums two halves where one process sums the whole batch)
     a, b = final_weights(root / "ddp2", 30), final_weights(root / "ddp1", 30)
-    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
 
 
 def test_usr1_reaches_every_srun_task_and_the_job_resumes(cluster):

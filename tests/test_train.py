@@ -20,6 +20,7 @@ from revjepa.schedule import checkpoint_steps, lr_multiplier, should_save
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+TIMING = ("steps_per_s", "tokens_per_s", "mfu")  # measured speeds: differ between any two runs
 
 # 15,600 training items with num_ga_entities 2000; tiny model so a run takes a second or two.
 SMALL = [
@@ -60,7 +61,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def metrics_without_timing(path: Path) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for r in rows:
-        r.pop("steps_per_s", None)
+        for key in TIMING:
+            r.pop(key, None)
     return rows
 
 
@@ -250,7 +252,7 @@ def test_epoch_mode_and_max_steps_precedence(data_dir, tmp_path, capsys):
 
 
 def test_epoch_data_order_covers_each_item_once(data_dir):
-    from revjepa.train import epoch_permutation
+    from revjepa.data import epoch_permutation
 
     perm = epoch_permutation(3, 0, 1000)
     assert sorted(perm.tolist()) == list(range(1000))
@@ -475,10 +477,11 @@ def test_real_compile_of_the_losses_matches_eager_and_compiles_once(small_dir):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    from revjepa.compiled import compile_model
     from revjepa.config import ModelConfig, ObjectiveConfig
-    from revjepa.data import load_dataset
-    from revjepa.model import build_model
-    from revjepa.train import compile_model, forward_losses
+    from revjepa.data import Batch, load_dataset
+    from revjepa.families import build_model
+    from revjepa.step import StepContext, forward_losses
 
     ds = load_dataset(small_dir)
     torch.manual_seed(0)
@@ -491,7 +494,8 @@ def test_real_compile_of_the_losses_matches_eager_and_compiles_once(small_dir):
     cpu = torch.device("cpu")
 
     def loss_and_grads(run_model, seq, kind, keep):
-        _, loss, ntp, jepa = forward_losses(run_model, seq, kind, keep, oc, "fp32", cpu, 1)
+        ctx = StepContext(run_model, None, None, [], oc, "fp32", cpu, 1, 0.0)
+        _, loss, ntp, jepa = forward_losses(ctx, Batch(seq, kind, keep))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
@@ -523,9 +527,9 @@ def test_cuda_training_step_never_waits_for_the_device(small_dir, family):
     """The trainer's batch layout (sequences on the GPU, kinds on the host) and one training
     step, loss dropout included, with CUDA's sync debug mode raising on any host sync."""
     from revjepa.config import ModelConfig, ObjectiveConfig
-    from revjepa.data import load_dataset
-    from revjepa.model import build_model
-    from revjepa.train import loss_dropout_keep, param_groups, train_step
+    from revjepa.data import Batch, load_dataset, loss_dropout_keep
+    from revjepa.families import build_model
+    from revjepa.step import StepContext, param_groups, train_step
 
     dev = torch.device("cuda")
     ds = load_dataset(small_dir)
@@ -541,9 +545,8 @@ def test_cuda_training_step_never_waits_for_the_device(small_dir, family):
         idx = torch.arange(i * 64, (i + 1) * 64)
         keep = loss_dropout_keep(0, i, 64, 0.2).to(dev, non_blocking=True)
         seq, kind = seq_all[idx.to(dev, non_blocking=True)], ds.train.kind[idx]
-        return train_step(
-            model, opt, scaler, params, seq, kind, keep, 1e-3, oc, "bf16", dev, 1, 1.0
-        )
+        ctx = StepContext(model, opt, scaler, params, oc, "bf16", dev, 1, 1.0)
+        return train_step(ctx, Batch(seq, kind, keep), 1e-3)
 
     step(0)  # lazy CUDA initialisation may synchronise once
     torch.cuda.synchronize()
@@ -562,9 +565,9 @@ def test_train_step_update_equals_clip_grad_norm_then_adamw(small_dir, max_norm)
     import copy
 
     from revjepa.config import ModelConfig, ObjectiveConfig
-    from revjepa.data import load_dataset
-    from revjepa.model import build_model
-    from revjepa.train import forward_losses, param_groups, train_step
+    from revjepa.data import Batch, load_dataset
+    from revjepa.families import build_model
+    from revjepa.step import StepContext, forward_losses, param_groups, train_step
 
     ds = load_dataset(small_dir)
     torch.manual_seed(0)
@@ -583,12 +586,12 @@ def test_train_step_update_equals_clip_grad_norm_then_adamw(small_dir, max_norm)
     opt = adamw(model, True)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    res = train_step(
-        model, opt, scaler, params, seq, kind, None, 1e-2, oc, "fp32", cpu, 1, max_norm
-    )
+    ctx = StepContext(model, opt, scaler, params, oc, "fp32", cpu, 1, max_norm)
+    res = train_step(ctx, Batch(seq, kind, None), 1e-2)
 
     ref_opt = adamw(reference, False)
-    _, loss, _, _ = forward_losses(reference, seq, kind, None, oc, "fp32", cpu, 1)
+    ref_ctx = StepContext(reference, None, None, [], oc, "fp32", cpu, 1, 0.0)
+    _, loss, _, _ = forward_losses(ref_ctx, Batch(seq, kind, None))
     loss.backward()
     ref_params = [p for p in reference.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(ref_params, max_norm if max_norm > 0 else math.inf)

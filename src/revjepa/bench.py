@@ -9,7 +9,10 @@ the headline figure (how much of the machine's matmul speed the training step tu
 work).
 
 float32 and bf16 training repeats are interleaved (same batches, same machine load) and the
-bf16 speed-up is the median of the per-repeat ratios. The machine may be shared: each training
+bf16 speed-up is the median of the per-repeat ratios. CPU training is measured twice: the
+default step (torch ops), then, where the C kernels build here, the step of `--cpu_kernels on`
+(its fused ops and its glibc malloc settings, which are process-wide: so they come after every
+figure of the default step, and their speed-up over it is a ratio of medians, not paired). The machine may be shared: each training
 figure carries its CPU share (process CPU seconds / (wall seconds x torch threads), ~1 on an idle
 machine) and the best repeat besides the median, the load average before and after is recorded,
 and the table warns when the CPU share says other work took the cores.
@@ -35,21 +38,25 @@ from typing import Any
 
 import torch
 
-from . import cpu_kernels
+from .compiled import compile_model
 from .config import RunConfig
-from .data import KIND_ID, GenConfig, Split, generate, load_dataset, write_generated
+from .cpu import KernelsUnavailable, kernels, use_cpu_kernels, uses_cpu_kernels
+from .cpu.hostmem import tune_glibc_malloc
+from .data import (
+    KIND_ID,
+    BatchSampler,
+    GenConfig,
+    Split,
+    generate,
+    load_dataset,
+    write_generated,
+)
 from .errors import UserError, one_line
 from .evaluate import evaluate_split
-from .model import build_model, to_device
-from .train import (
-    _cpu_has_bf16,
-    compile_model,
-    epoch_permutation,
-    param_groups,
-    resolve_precision,
-    steps_per_epoch,
-    train_step,
-)
+from .families import build_model
+from .flops import batch_shape, train_step_flops
+from .step import StepContext, cpu_has_bf16, make_optimizer, resolve_precision, train_step
+from .train import steps_per_epoch
 
 # ----------------------------------------------------------------------------- sizes
 
@@ -117,46 +124,6 @@ QUICK = BenchSizes(
 # ----------------------------------------------------------------------------- analytic counts
 
 
-def train_step_flops(
-    n_layer: int, n_embd: int, n_rows: int, row_len: int, n_scored: int, vocab: int
-) -> float:
-    """Analytic FLOPs of one training step (forward + backward) of the packed GPT-2 pass.
-
-    With d = n_embd, R = n_rows, T = row_len (tokens per packed row), N = R * T tokens:
-
-      per layer, the weight matmuls:  2 * N * 12 d^2
-          qkv projection 3 d^2 + attention output projection d^2 + MLP 4d -> d and d -> 4d
-          8 d^2 = 12 d^2 multiply-adds per token, 2 FLOPs per multiply-add;
-      per layer, the attention:       2 * 2 * R * T^2 * d
-          Q K^T and (softmax) V, each R * T * T * d multiply-adds over all heads (the
-          block-causal mask is applied densely, so the full T x T products are computed);
-      the LM head, only at the scored positions:  2 * n_scored * d * V.
-
-    forward = n_layer * (24 N d^2 + 4 R T^2 d) + 2 n_scored d V, and the step is 3 x forward
-    (the backward pass costs two matmuls per forward matmul: input and weight gradients).
-    Embedding lookups, LayerNorm, softmax, GELU, the loss and AdamW are elementwise and left out.
-    """
-    d = n_embd
-    tokens = n_rows * row_len
-    per_layer = 2 * tokens * 12 * d * d + 2 * 2 * n_rows * row_len * row_len * d
-    forward = n_layer * per_layer + 2 * n_scored * d * vocab
-    return 3.0 * forward
-
-
-def batch_shape(kind: torch.Tensor, seq_len: int, entity_len: int, jepa: bool, k: int):
-    """(rows, row_len, n_scored) of the packed pass of one batch (see model.py's packing).
-
-    JEPA rows (items of kind train when JEPA is on) hold one item each, every other item is
-    packed two per row; both row types are 2 * seq_len + k tokens long. The LM head scores
-    entity_len positions per item.
-    """
-    b = int(kind.numel())
-    k = k if jepa else 0
-    n_j = int((kind == KIND_ID["train"]).sum()) if jepa else 0
-    rows = n_j + math.ceil((b - n_j) / 2)
-    return rows, 2 * seq_len + k, b * entity_len
-
-
 def model_config(size: ModelSize) -> RunConfig:
     """The default run configuration (dropout 0.1, JEPA on, k = 1, cosine) at the given size."""
     cfg = RunConfig()
@@ -169,7 +136,7 @@ def model_config(size: ModelSize) -> RunConfig:
 # ----------------------------------------------------------------------------- timing helpers
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -228,6 +195,7 @@ class TrainBench:
         device: torch.device,
         steps: int,
         variant: str = "eager",
+        cpu_kernels: bool = False,
     ) -> None:
         cfg = model_config(size)
         self.tc, self.oc = cfg.train, cfg.objective
@@ -236,27 +204,31 @@ class TrainBench:
         torch.manual_seed(self.tc.seed)
         self.model = build_model(cfg.model, self.oc, vocab, entity_len).to(device)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.tc.weight_decay),
-            lr=self.tc.learning_rate,
-            betas=(0.9, 0.999),
-            eps=1e-8,
-            fused=True,
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.run_model: torch.nn.Module = self.model
+        if cpu_kernels:  # the swap of `--cpu_kernels on` (eager CPU steps only)
+            if variant != "eager" or device.type != "cpu":
+                raise ValueError("the CPU kernels are for eager CPU steps")
+            use_cpu_kernels(self.model)
+        optimizer = make_optimizer(self.model, self.tc.learning_rate, self.tc.weight_decay)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        run_model: torch.nn.Module = self.model
         if variant not in STEP_VARIANTS:
             raise ValueError(f"unknown step variant {variant!r}")
         if variant != "eager":
-            self.run_model = compile_model(self.model, cuda_graphs=variant == "graphs")
-        self.n, self.batch = int(seq_all.shape[0]), self.tc.batch_size
-        self.spe = steps_per_epoch(self.n, self.batch, "bench data")
+            run_model = compile_model(self.model, cuda_graphs=variant == "graphs")
+        self.ctx = StepContext(
+            run_model, optimizer, scaler, params, self.oc, precision, device, 1,
+            self.tc.max_grad_norm,
+        )  # fmt: skip
+        n, batch = int(seq_all.shape[0]), self.tc.batch_size
+        self.batch = batch
+        self.sampler = BatchSampler(
+            Split(seq_all, kind_all.cpu()), seed=self.tc.seed, batch_size=batch, rank=0, world=1,
+            steps_per_epoch=steps_per_epoch(n, batch, "bench data"), loss_dropout=0.0,
+            device=device,
+        )  # fmt: skip
         self.vocab_size, self.entity_len = vocab.size, entity_len
         self.seq_len = int(seq_all.shape[1])
-        self.kind_cpu = kind_all.cpu()
-        self.seq_dev = seq_all.to(device)
-        self.perm_cpu: dict[int, torch.Tensor] = {}
         self.step = 0
         self.warmup_steps, self.warmup_seconds = 0, 0.0
         self.seconds: list[float] = []
@@ -264,58 +236,34 @@ class TrainBench:
         self.cpu_seconds, self.wall_seconds = 0.0, 0.0
         self.res = None
 
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self.perm_cpu:
-            self.perm_cpu[epoch] = epoch_permutation(self.tc.seed, epoch, self.n)
-        return self.perm_cpu[epoch]
-
     def _shape(self, step: int) -> tuple[int, int, int]:
-        epoch, pos = divmod(step, self.spe)
-        idx = self._perm(epoch)[pos * self.batch : (pos + 1) * self.batch]
         oc = self.oc
-        return batch_shape(
-            self.kind_cpu[idx], self.seq_len, self.entity_len, oc.jepa_active, oc.k_pred_tok
-        )
+        kinds = self.sampler.batch(step).kind
+        return batch_shape(kinds, self.seq_len, self.entity_len, oc.jepa_active, oc.k_pred_tok)
 
     def _run(self, step: int) -> None:
         # the trainer's batch: sequences indexed on the device, kinds on the host
-        epoch, pos = divmod(step, self.spe)
-        idx = self._perm(epoch)[pos * self.batch : (pos + 1) * self.batch]
-        self.res = train_step(
-            self.run_model,
-            self.optimizer,
-            self.scaler,
-            self.params,
-            self.seq_dev[to_device(idx, self.device)],
-            self.kind_cpu[idx],
-            None,
-            self.tc.learning_rate,
-            self.oc,
-            self.precision,
-            self.device,
-            1,
-            self.tc.max_grad_norm,
-        )
+        self.res = train_step(self.ctx, self.sampler.batch(step), self.tc.learning_rate)
 
     def warm(self, steps: int) -> None:
-        _sync(self.device)
+        sync_device(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             self._run(self.step)
             self.step += 1
-        _sync(self.device)
+        sync_device(self.device)
         self.warmup_steps += steps
         self.warmup_seconds += time.perf_counter() - t0
 
     def repeat(self) -> None:
         """One timed repeat of `steps` steps (shapes are computed before the clock starts)."""
         self.shapes += [self._shape(s) for s in range(self.step, self.step + self.steps)]
-        _sync(self.device)
+        sync_device(self.device)
         c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(self.steps):
             self._run(self.step)
             self.step += 1
-        _sync(self.device)
+        sync_device(self.device)
         dt = time.perf_counter() - t0
         self.seconds.append(dt)
         self.cpu_seconds += time.process_time() - c0
@@ -344,6 +292,7 @@ class TrainBench:
             "precision": self.precision,
             "device": str(self.device),
             "variant": self.variant,
+            "cpu_kernels": uses_cpu_kernels(self.model),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "batch_size": self.batch,
             "rows_per_step": sum(r for r, _, _ in self.shapes) / n,
@@ -376,10 +325,14 @@ def bench_train(
     repeats: int,
     warmup: int,
     steps: int,
+    cpu_kernels: bool = False,
 ) -> list[dict[str, Any]]:
-    """Time `train_step` for each (size, precision, device, variant); repeats interleaved."""
+    """Time `train_step` for each (size, precision, device, variant); repeats interleaved.
+    `cpu_kernels`: every model with the fused CPU ops of `--cpu_kernels on`."""
     benches = [
-        TrainBench(seq_all, kind_all, vocab, entity_len, size, prec, dev, steps, variant)
+        TrainBench(
+            seq_all, kind_all, vocab, entity_len, size, prec, dev, steps, variant, cpu_kernels
+        )
         for size, prec, dev, variant in runs
     ]
     for b in benches:
@@ -408,14 +361,14 @@ def bench_matmul(
     out = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
-    _sync(device)
+    sync_device(device)
     rates = []
     for _ in range(repeats):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         for _ in range(iters):
             torch.mm(a, b, out=out)
-        _sync(device)
+        sync_device(device)
         rates.append(2.0 * n**3 * iters / (time.perf_counter() - t0))
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops_per_s": _median(rates)}
 
@@ -446,10 +399,10 @@ def bench_step_gemms(
         a @ b  # warm-up (oneDNN builds its kernel for a new shape here)
         times = []
         for _ in range(repeats):
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             a @ b
-            _sync(device)
+            sync_device(device)
             times.append(time.perf_counter() - t0)
         seconds += _median(times)
         flops += 2.0 * m * k * n
@@ -459,6 +412,47 @@ def bench_step_gemms(
         "seconds": seconds,
         "flops_per_s": flops / seconds,
     }
+
+
+def bench_cpu_kernels(
+    ds, sizes: BenchSizes, wanted: list[str], train_cpu, matmul_cpu, repeats: int
+) -> tuple[dict[str, Any], str | None]:
+    """The CPU training figures of `--cpu_kernels on` (fused ops + glibc malloc settings) and
+    the library's file name; ({"skipped": why}, None) where the kernels do not build here."""
+    try:
+        lib = kernels.load()
+    except KernelsUnavailable as exc:
+        return {"skipped": str(exc)}, None
+    tuned = tune_glibc_malloc()
+    _log(f"bench: training steps, cpu {' and '.join(wanted)}, --cpu_kernels on")
+    measured = bench_train(
+        ds.train.seq,
+        ds.train.kind,
+        ds.vocab,
+        ds.entity_len,
+        [(sizes.cpu_model, p, torch.device("cpu"), "eager") for p in wanted],
+        repeats,
+        sizes.warmup_steps,
+        sizes.steps_per_repeat,
+        cpu_kernels=True,
+    )
+    out: dict[str, Any] = {p: train_cpu[p] for p in ("fp32", "bf16") if p not in wanted}
+    for precision, tr in zip(wanted, measured):
+        tr["glibc_malloc_tuned"] = tuned
+        tr["fraction_of_matmul"] = tr["achieved_flops_per_s"] / matmul_cpu[precision]["flops_per_s"]
+        # not paired: the default step ran earlier in this process (ratio of the medians)
+        tr["speedup_over_default"] = tr["steps_per_s"] / train_cpu[precision]["steps_per_s"]
+        out[precision] = tr
+    if "skipped" not in out["bf16"]:
+        out["bf16_speedup"] = paired_speedup(out["fp32"], out["bf16"])
+    return out, str(lib._name)
+
+
+def _cpu_trainings(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The CPU training figures of both steps (default, and `--cpu_kernels on` if measured)."""
+    out = list(results["train_cpu"].values())
+    kern = results.get("train_cpu_kernels", {})
+    return out + [kern[p] for p in ("fp32", "bf16") if p in kern]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -605,7 +599,7 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
             train_cpu[precision] = {"skipped": notices[-1] if notices else "unsupported"}
         else:
             wanted.append(precision)
-    _log(f"bench: training steps, cpu {' and '.join(wanted)}")
+    _log(f"bench: training steps, cpu {' and '.join(wanted)}, the default step (torch ops)")
     measured = bench_train(
         ds.train.seq,
         ds.train.kind,
@@ -666,6 +660,12 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         min(repeats, sizes.eval_repeats),
     )
 
+    # ---- CPU training again with --cpu_kernels on: last of the CPU figures, as its malloc
+    # settings stay for the rest of the process
+    results["train_cpu_kernels"], lib_name = bench_cpu_kernels(
+        ds, sizes, wanted, train_cpu, matmul_cpu, repeats
+    )
+
     # ---- the seed's configuration on the GPU
     if torch.cuda.is_available():
         gpu = torch.device("cuda", torch.cuda.current_device())
@@ -708,17 +708,18 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         "load_vs_json_delta_ratio": rss_load["delta_mib"] / max(rss_json["delta_mib"], 1e-9),
     }
     results["bench_seconds"] = time.perf_counter() - wall_start
-    shares = [tr["cpu_share"] for tr in train_cpu.values() if "cpu_share" in tr]
+    shares = [tr["cpu_share"] for tr in _cpu_trainings(results) if "cpu_share" in tr]
     results["machine_busy"] = bool(shares) and min(shares) < BUSY_CPU_SHARE
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_model": cpu_model_name(),
-        "cpu_has_bf16": _cpu_has_bf16(),
+        "cpu_has_bf16": cpu_has_bf16(),
         "threads": torch.get_num_threads(),
-        # the fused C kernels of the CPU step (None: torch ops, see cpu_kernels)
-        "cpu_kernels": str(lib._name) if (lib := cpu_kernels.library()) is not None else None,
+        # the C kernels' library when the `--cpu_kernels on` step was measured too, else None
+        # (results.train_cpu_kernels.skipped says why); results.train_cpu is the default step
+        "cpu_kernels": lib_name,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average_1min": {"start": load_start, "end": _loadavg()},
         "config": {
@@ -777,6 +778,30 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         ]
     if "bf16_speedup" in r:
         rows.append(("bf16 speed-up over fp32 (paired)", f"{r['bf16_speedup']:.2f}", "x"))
+    kern = r.get("train_cpu_kernels", {"skipped": "not measured"})
+    if "skipped" in kern:
+        rows.append(("train cpu, --cpu_kernels on", "skipped", kern["skipped"][:60]))
+    else:
+        for precision in ("fp32", "bf16"):
+            tr = kern[precision]
+            if "skipped" in tr:
+                continue
+            name = f"train cpu {precision} --cpu_kernels on"
+            rows += [
+                (f"{name} steps/s", f"{tr['steps_per_s']:.3f}", "steps/s"),
+                (f"{name} achieved", _g(tr["achieved_flops_per_s"]), "GFLOP/s"),
+                (f"{name} train/matmul", f"{tr['fraction_of_matmul']:.3f}", "ratio"),
+                (
+                    f"{name} speed-up",
+                    f"{tr['speedup_over_default']:.2f}",
+                    "x the default step (ratio of medians)",
+                ),
+                (f"{name} CPU share", f"{tr['cpu_share']:.2f}", "of threads x wall"),
+            ]
+        if "bf16_speedup" in kern:
+            rows.append(
+                ("bf16 speed-up, --cpu_kernels on (paired)", f"{kern['bf16_speedup']:.2f}", "x")
+            )
     ev = r["eval"]
     rows.append(("eval items/s (3 splits)", f"{ev['items_per_s']:,.0f}", "items/s"))
     rows.append(("eval total", f"{ev['total_seconds']:.2f}", "s"))
@@ -817,9 +842,7 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def busy_warning(report: dict[str, Any]) -> str | None:
     """A warning line when other work took the cores during the timed training repeats."""
-    shares = [
-        tr["cpu_share"] for tr in report["results"]["train_cpu"].values() if "cpu_share" in tr
-    ]
+    shares = [tr["cpu_share"] for tr in _cpu_trainings(report["results"]) if "cpu_share" in tr]
     if shares and min(shares) < BUSY_CPU_SHARE:
         return (
             f"WARNING: the machine was busy (CPU share {min(shares):.2f} < {BUSY_CPU_SHARE}): "
@@ -834,7 +857,12 @@ def format_table(report: dict[str, Any]) -> str:
     head = [
         f"revjepa bench  {report['date']}  torch {report['torch']}  {report['threads']} threads",
         f"cpu: {report['cpu_model']}  (load average start {la['start']}, end {la['end']})",
-        f"CPU C kernels: {'on' if report.get('cpu_kernels') else 'off (torch ops)'}",
+        "CPU training: the default step (torch ops)"
+        + (
+            " and --cpu_kernels on (C kernels)"
+            if report.get("cpu_kernels")
+            else " only (--cpu_kernels on not measured: the C kernels did not build)"
+        ),
     ]
     busy = busy_warning(report)
     if busy:

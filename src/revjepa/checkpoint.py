@@ -9,6 +9,7 @@ corrupted file is reported by name and skipped by `--resume_from latest`.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import sys
@@ -20,6 +21,7 @@ import torch
 
 from .errors import UserError
 from .faults import crash, crash_requested
+from .schedule import checkpoint_steps, should_save
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
 FORMAT = "revjepa-checkpoint-1"
@@ -146,3 +148,45 @@ def find_latest_valid(directory: Path) -> tuple[Path, dict[str, Any]] | None:
         except UserError as exc:
             print(f"skipping invalid checkpoint: {exc}", file=sys.stderr)
     return None
+
+
+class Checkpointer:
+    """A run's checkpoints: the dense-then-sparse schedule, `best_model.pt` (the best headline
+    metric so far), stale temporaries of killed saves, and the state assembled from the
+    run's stateful objects. Only the main process writes."""
+
+    def __init__(self, ckpt_dir: Path, train_cfg: Any, max_steps: int, main: bool) -> None:
+        self.dir, self.main, self.max_steps = ckpt_dir, main, max_steps
+        tc = train_cfg
+        self.schedule = (tc.save_steps, tc.save_step_dense, tc.save_step_dense_interval)
+        self.best = -math.inf
+
+    def prepare(self) -> None:
+        if self.main:
+            self.dir.mkdir(exist_ok=True)
+            remove_stale_temporaries(self.dir)
+
+    def due(self, step: int) -> bool:
+        return should_save(step, *self.schedule, self.max_steps)
+
+    def planned_after(self, step: int) -> int:
+        """How many scheduled checkpoints come after `step`."""
+        save_steps, dense, interval = self.schedule
+        return len(
+            [s for s in checkpoint_steps(self.max_steps, save_steps, dense, interval) if s > step]
+        )
+
+    def improves(self, value: float) -> bool:
+        """Record `value` as the best if it beats it (the best-model rule)."""
+        if value > self.best:
+            self.best = value
+            return True
+        return False
+
+    def save_step(self, step: int, state: dict[str, Any]) -> Path:
+        path = self.dir / f"checkpoint_step_{step}.pt"
+        save_checkpoint(path, state)
+        return path
+
+    def save_best(self, state: dict[str, Any]) -> None:
+        save_checkpoint(self.dir / "best_model.pt", state)

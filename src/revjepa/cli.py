@@ -20,7 +20,6 @@ from .config import (
     new_parser,
 )
 from .errors import UserError
-from .hostmem import tune_glibc_malloc
 
 
 def cmd_gen_data(argv: list[str]) -> int:
@@ -102,9 +101,7 @@ def cmd_train(argv: list[str], prog: str = "revjepa train") -> int:
 
     a = _train_parser(prog).parse_args(argv)
     overrides = expand_preset(given_overrides(a))  # --preset NAME: its values under the flags
-    config = apply_overrides(RunConfig(), overrides)
-    config.validate()
-    train(config, overrides, a.resume_from)
+    train(apply_overrides(RunConfig(), overrides), overrides, a.resume_from)  # validates
     return 0
 
 
@@ -220,7 +217,6 @@ COMMANDS = {
 
 
 def run_guarded(fn, argv: list[str]) -> int:
-    tune_glibc_malloc()  # before torch allocates anything big
     try:
         return fn(argv)
     except UserError as exc:

@@ -43,8 +43,9 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from .config import ModelConfig, ObjectiveConfig
 from .data import Split, Vocab
 from .errors import UserError
-from .fastpath import dropout
+from .flops import StepCost, blocks_forward_flops
 from .model import LossFamily, LossOutput, gpt2_block
+from .ops import TORCH_OPS, StepOps
 
 HEAD, RELATION, MASK, TAIL = range(4)
 NUM_PATCHES = 4
@@ -96,12 +97,15 @@ def entity_table(train_seq: torch.Tensor, entity_len: int) -> torch.Tensor:
 
 
 def run_blocks(
-    blocks: nn.ModuleList, h: torch.Tensor, collect_layers: bool = False
+    blocks: nn.ModuleList,
+    h: torch.Tensor,
+    collect_layers: bool = False,
+    ops: StepOps = TORCH_OPS,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """GPT-2 blocks with causal attention over axis 1 (the math of `model.gpt2_hidden_states`)."""
     layers = [h] if collect_layers else []
     for block in blocks:
-        h = gpt2_block(block, h)
+        h = gpt2_block(block, h, ops=ops)
         if collect_layers:
             layers.append(h)
     return h, layers
@@ -133,6 +137,10 @@ class ConceptJepa(LossFamily):
 
     family = "concept_jepa"
     headline_metric = "concept_mrr_full"  # evaluation metric that picks best_model.pt
+
+    @classmethod
+    def build(cls, model_cfg, objective, vocab, entity_len, train_seq=None) -> ConceptJepa:
+        return cls(model_cfg, objective, vocab, entity_len, train_seq)
 
     def __init__(
         self,
@@ -276,6 +284,22 @@ class ConceptJepa(LossFamily):
 
     # ------------------------------------------------------------------ the computation
 
+    def step_cost(self, kind: torch.Tensor) -> StepCost:
+        """Tokens (the patches' and the concepts') and analytic FLOPs of one training step
+        (see flops.py):
+        recognition of the 4B patches (GPT-2 blocks over W = entity_len tokens, or the memory
+        layer's scores against every row), the semantic blocks over the 3 patches before the
+        tail, and the in-batch logits against the candidates."""
+        b, d, w = int(kind.numel()), self.model_cfg.n_embd, self.entity_len
+        if self.memory is not None:
+            rec = 2.0 * NUM_PATCHES * b * d * self.memory.keys.shape[0]
+        else:
+            rec = blocks_forward_flops(len(self.rec), d, NUM_PATCHES * b, w)
+        sem = blocks_forward_flops(len(self.sem), d, b, TAIL)
+        per_item = 2 if self.objective.concept_candidates == "entities" else NUM_PATCHES
+        flops = 3.0 * (rec + sem + 2.0 * b * (per_item * b) * d)
+        return StepCost(NUM_PATCHES * b * w + TAIL * b, flops)
+
     def patchify(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, 2E + 2) sequences -> (B, 4, E) patches [e1] [r <pad>..] [<mask> <pad>..] [e2]."""
         e, b = self.entity_len, seq.shape[0]
@@ -292,7 +316,8 @@ class ConceptJepa(LossFamily):
             w = real.to(emb.dtype)[..., None]
             u = (emb * w).sum(1) / w.sum(1).clamp(min=1)
             return self.memory(u)
-        h, _ = run_blocks(self.rec, dropout(self.wte(patches), self.drop.p, self.training))
+        x = self.ops.dropout(self.wte(patches), self.drop.p, self.training)
+        h, _ = run_blocks(self.rec, x, ops=self.ops)
         last = (real.sum(1) - 1).clamp(min=0)
         return h[torch.arange(h.shape[0], device=h.device), last]
 
@@ -310,7 +335,7 @@ class ConceptJepa(LossFamily):
         b = patches.shape[0]
         concepts = self.recognise(patches.flatten(0, 1)).view(b, NUM_PATCHES, -1)
         # causal attention: the <mask> output never sees the tail, so the tail is not fed at all
-        h, layers = run_blocks(self.sem, concepts[:, :TAIL], collect_layers)
+        h, layers = run_blocks(self.sem, concepts[:, :TAIL], collect_layers, self.ops)
         return patches, concepts, self.normalise_pred(h[:, MASK]), layers
 
     def in_batch_logits(
@@ -370,6 +395,33 @@ class ConceptJepa(LossFamily):
             jepa_count=count,
             pred_embeddings=pred.detach(),
         )
+
+    @staticmethod
+    def format_table(results: dict[str, Any]) -> str:
+        """The evaluation table of a concept_jepa result."""
+        splits = results["splits"]
+        first = next(iter(splits.values()), {"concept_batch_size": 0, "num_entities": 0})
+        header = f"{'split':<8} {'concept loss':>13} {'concept MRR (in-batch)':>23} {'concept MRR full':>17}"
+        lines = [f"step {results['step']}  ({results['checkpoint']})", header, "-" * len(header)]
+        for name, m in splits.items():
+            lines.append(
+                f"{name:<8} {m['concept_loss']:>13.4f} {m['concept_mrr']:>23.4f} "
+                f"{m['concept_mrr_full']:>17.4f}"
+            )
+            for layer in m.get("per_layer", []):
+                lines.append(
+                    f"  L{layer['layer']:<5} {'':>13} {'':>23} {layer['concept_mrr_full']:>17.4f}"
+                )
+        lines.append(
+            f"in-batch candidates: batches of {first['concept_batch_size']} items; full: all "
+            f"{first['num_entities']} entities"
+        )
+        if "atomic" in splits and "test" in splits:
+            lines.append(
+                f"atomic (seen direction) concept MRR full {splits['atomic']['concept_mrr_full']:.4f} "
+                f"vs test (reverse) {splits['test']['concept_mrr_full']:.4f}"
+            )
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -21,6 +22,7 @@ MODEL_FAMILIES = ("gpt2_jepa", "concept_jepa")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONCEPT_NORMS = ("rms", "layernorm")
 CONCEPT_CANDIDATES = ("all", "entities")
+ON_OFF = ("on", "off")
 
 # Named partial configurations (`--preset NAME`; explicit flags override them). The ws_* ones are
 # Wang & Sun (2025)'s concept-level JEPA settings (§3.3 / App. B): d = 768, 12 heads, batch 1024,
@@ -141,6 +143,10 @@ class ObjectiveConfig:
     def jepa_active(self) -> bool:
         return self.use_jepa and self.lambda_jepa != 0.0
 
+    def total(self, ntp, jepa):
+        """The training objective: gamma x NTP + lambda x JEPA (tensors or floats)."""
+        return self.gamma_ntp * ntp + (self.lambda_jepa * jepa if self.jepa_active else 0.0)
+
 
 @dataclass
 class TrainConfig:
@@ -179,8 +185,19 @@ class TrainConfig:
         "compiling for one CUDA device, off under DDP), on, off",
         choices=("auto", "on", "off"),
     )
+    cpu_kernels: str = _f(
+        "off",
+        "fused C kernels for the eager CPU step, built with this machine's C compiler: on, or "
+        "off (plain torch ops); with dropout > 0 they draw other dropout masks",
+        choices=ON_OFF,
+    )
     max_bad_steps: int = _f(20, "stop after this many consecutive non-finite steps")
     device: str = _f("auto", "auto | cpu | cuda")
+    peak_tflops: float | None = _f(
+        None,
+        "peak TFLOP/s for the logged MFU (default: the datasheet figure of a known GPU, else a "
+        "matmul measured at start-up)",
+    )
     preset: str | None = _f(
         None,
         "named partial configuration (explicit flags override it): " + ", ".join(PRESETS),
@@ -192,7 +209,8 @@ class TrainConfig:
         return 3_000_000
 
 
-# Fields that may differ between a checkpoint's run and a resume of it.
+# Fields that may differ between a checkpoint's run and a resume of it. Not `cpu_kernels`:
+# it changes the dropout stream (and float order), so a resume keeps the run's choice.
 RESUMABLE_OVERRIDES = {
     "max_steps",
     "num_epochs",
@@ -207,6 +225,7 @@ RESUMABLE_OVERRIDES = {
     "cuda_graphs",
     "device",
     "max_bad_steps",
+    "peak_tflops",
     "output_dir",
     "data_dir",
 }
@@ -261,6 +280,8 @@ class RunConfig:
             raise UserError("--infonce_temperature must be positive")
         if o.lambda_jepa < 0 or o.gamma_ntp < 0:
             raise UserError("--lambda_jepa and --gamma_ntp must be >= 0")
+        if t.peak_tflops is not None and not t.peak_tflops > 0:
+            raise UserError(f"--peak_tflops must be positive, got {t.peak_tflops}")
         if o.gamma_ntp == 0 and not o.jepa_active:
             raise UserError("--gamma_ntp 0 with JEPA off leaves nothing to train")
         for name in (
@@ -291,6 +312,8 @@ class RunConfig:
             raise UserError(f"unknown --scheduler {t.scheduler!r}")
         if t.valid_split not in SPLITS:
             raise UserError(f"unknown --valid_split {t.valid_split!r}")
+        if t.cpu_kernels not in ON_OFF:
+            raise UserError(f"--cpu_kernels must be on or off, got {t.cpu_kernels!r}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"unknown --device {t.device!r}")
         if t.preset is not None and t.preset not in PRESETS:
@@ -378,7 +401,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                     help=argparse.SUPPRESS,
                 )
                 continue
-            conv = {"int": int, "int | None": int, "float": float}.get(str(f_.type), str)
+            conv = {"int": int, "int | None": int, "float": float, "float | None": float}.get(
+                str(f_.type), str
+            )
             group.add_argument(
                 f"--{flag}",
                 dest=flag,
@@ -426,3 +451,55 @@ def apply_overrides(config: RunConfig, overrides: dict[str, dict[str, Any]]) -> 
     for section, values in overrides.items():
         data[section].update(values)
     return RunConfig.from_dict(data)
+
+
+def resolve_config(
+    config: RunConfig,
+    overrides: dict[str, dict[str, Any]],
+    state: dict[str, Any] | None,
+    path: Path | None,
+    resume_from: str | None,
+    world: int,
+) -> RunConfig:
+    """The one resolution of a run's configuration, validated once: `config` (presets and
+    flags applied) for a fresh start; on resume, the checkpoint's configuration with the
+    resumable flags of `overrides` on top, the per-process batch following the world size."""
+    if state is None or path is None:
+        config.validate()
+        return config
+    saved = RunConfig.from_dict(state["config"])
+    # The global batch must stay the same; the per-process batch follows the world size.
+    saved_global = saved.train.batch_size * int(state.get("world_size", 1))
+    given_batch = overrides.get("train", {}).get("batch_size")
+    if given_batch is None and saved_global % world == 0:
+        per_process = saved_global // world
+    else:
+        per_process = given_batch if given_batch is not None else saved.train.batch_size
+    if per_process * world != saved_global:
+        raise UserError(
+            f"{path}: the run's global batch is {saved_global}; with {world} process(es) use "
+            f"--batch_size {saved_global / world:g} (a whole number is required)"
+        )
+    overrides = {**overrides, "train": {**overrides.get("train", {}), "batch_size": per_process}}
+    conflicts = []
+    for section, values in overrides.items():
+        saved_section = getattr(saved, section)
+        for name, value in values.items():
+            if name in RESUMABLE_OVERRIDES or name == "batch_size":
+                continue
+            if getattr(saved_section, name) != value:
+                conflicts.append(f"--{name} {value} (checkpoint: {getattr(saved_section, name)})")
+    if conflicts:
+        raise UserError(f"{path}: flags conflict with the checkpoint's run: {', '.join(conflicts)}")
+    merged = saved.to_dict()
+    for section, values in overrides.items():
+        for name, value in values.items():
+            if name in RESUMABLE_OVERRIDES or name == "batch_size":
+                merged[section][name] = value
+    if "output_dir" not in overrides.get("train", {}) and resume_from != "latest":
+        # resuming from an explicit path: keep writing next to that checkpoint's run
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        merged["train"]["output_dir"] = str(run_dir)
+    resolved = RunConfig.from_dict(merged)
+    resolved.validate()
+    return resolved

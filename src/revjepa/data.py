@@ -11,6 +11,7 @@ L = 2E + 2 where E is the number of tokens per entity) and a kind tensor; a batc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -490,3 +491,77 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-to-device copy that does not wait for the GPU's queued work: from pinned memory
+    (a copy from pageable memory may synchronise the stream first)."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+def stream_generator(seed: int, stream: str, index: int) -> torch.Generator:
+    """A generator for one (seed, purpose, index): no two runs or steps share a stream."""
+    digest = hashlib.blake2b(f"{seed}:{stream}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=stream_generator(seed, "epoch", epoch))
+
+
+def loss_dropout_keep(seed: int, step: int, n: int, p: float) -> torch.Tensor:
+    """Per-item keep mask of the global batch, a pure function of (seed, step)."""
+    return torch.rand(n, generator=stream_generator(seed, "loss_dropout", step)) >= p
+
+
+@dataclass
+class Batch:
+    seq: torch.Tensor  # (B, L) on the training device
+    kind: torch.Tensor  # (B,) on the host: the model plans its packing there
+    keep: torch.Tensor | None  # (B,) loss-dropout keep mask on the device, or None
+
+
+class BatchSampler:
+    """The batch of a step is a pure function of (seed, step): one seeded permutation per
+    epoch, global batch = batch_size x world, rank r takes slice r. So resuming needs only the
+    step, and 1-process and N-process runs see the same examples."""
+
+    def __init__(
+        self,
+        split: Split,
+        *,
+        seed: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        steps_per_epoch: int,
+        loss_dropout: float,
+        device: torch.device,
+    ) -> None:
+        self.seq = split.seq.to(device)
+        self.kind = split.kind
+        self.n = len(split)
+        self.seed, self.batch_size, self.rank = seed, batch_size, rank
+        self.global_batch = batch_size * world
+        self.steps_per_epoch, self.loss_dropout, self.device = steps_per_epoch, loss_dropout, device
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _local(self, global_values: torch.Tensor) -> torch.Tensor:
+        return global_values[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def batch(self, step: int) -> Batch:
+        """This rank's batch of the update with 0-based index `step`: a tensor index."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, epoch_permutation(self.seed, epoch, self.n))
+        idx = self._local(self._perm[1][pos * self.global_batch : (pos + 1) * self.global_batch])
+        keep = None
+        if self.loss_dropout > 0:
+            mask = loss_dropout_keep(self.seed, step, self.global_batch, self.loss_dropout)
+            keep = to_device(self._local(mask), self.device)
+        return Batch(self.seq[to_device(idx, self.device)], self.kind[idx], keep)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .checkpoint import load_checkpoint
 from .errors import UserError
-from .evaluate import model_from_checkpoint
+from .families import model_from_checkpoint
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:

@@ -15,6 +15,7 @@ applied only at the positions that predict e2 tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,28 +24,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from .config import ModelConfig, ObjectiveConfig
-from .data import KIND_ID, Vocab
+from .data import KIND_ID, Split, Vocab, to_device
 from .errors import UserError
-from .fastpath import (
-    TiedLMHead,
-    attention,
-    cross_entropy_sum,
-    dropout,
-    linear_gelu,
-    residual_linear_dropout,
-)
+from .flops import StepCost, batch_shape, train_step_flops
+from .metrics import item_metrics, summarise
+from .ops import TORCH_OPS, StepOps
 
 hf_logging.set_verbosity_error()
 
 ROW_BUCKET = 8  # packed rows per batch are padded to a multiple of this (see row_count)
-
-
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host-to-device copy that does not wait for the GPU's queued work: from pinned memory
-    (a copy from pageable memory may synchronise the stream first)."""
-    if device.type == "cuda":
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
 
 
 def build_gpt2(cfg: ModelConfig, vocab: Vocab) -> GPT2LMHeadModel:
@@ -77,21 +65,25 @@ def build_gpt2(cfg: ModelConfig, vocab: Vocab) -> GPT2LMHeadModel:
 
 
 def gpt2_block(
-    block: nn.Module, h: torch.Tensor, attn_mask: torch.Tensor | None = None
+    block: nn.Module,
+    h: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    ops: StepOps = TORCH_OPS,
 ) -> torch.Tensor:
     """One HF `GPT2Block` on h (R, T, d): causal attention when `attn_mask` is None, else the
-    given boolean mask (R or 1, 1, T, T; True = attend). Same math as HF's block, fewer ops."""
+    given boolean mask (R or 1, 1, T, T; True = attend). Same math as HF's block, fewer ops;
+    `ops` are the model's (see `revjepa.ops`)."""
     attn = block.attn
-    y = attention(
+    y = ops.attention(
         attn.c_attn(block.ln_1(h)), attn_mask, attn.num_heads, attn.attn_dropout.p, attn.training
     )
     c_proj, p = attn.c_proj, attn.resid_dropout.p
-    h = residual_linear_dropout(h, y, c_proj.weight, c_proj.bias, p, attn.training)
+    h = ops.residual_linear_dropout(h, y, c_proj.weight, c_proj.bias, p, attn.training)
     mlp = block.mlp
-    # c_fc, then GPT-2's "gelu_new" as one fused kernel (HF's version is 8 elementwise ops)
-    a = linear_gelu(block.ln_2(h), mlp.c_fc.weight, mlp.c_fc.bias)
+    # c_fc, then GPT-2's "gelu_new" as one op (HF's version is 8 elementwise ops)
+    a = ops.linear_gelu(block.ln_2(h), mlp.c_fc.weight, mlp.c_fc.bias)
     c_proj, p = mlp.c_proj, mlp.dropout.p
-    return residual_linear_dropout(h, a, c_proj.weight, c_proj.bias, p, mlp.training)
+    return ops.residual_linear_dropout(h, a, c_proj.weight, c_proj.bias, p, mlp.training)
 
 
 def gpt2_hidden_states(
@@ -101,23 +93,24 @@ def gpt2_hidden_states(
     mask: torch.Tensor,
     use_positions: bool,
     collect_layers: bool = False,
-    tied: TiedLMHead | None = None,
+    tied=None,
+    ops: StepOps = TORCH_OPS,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run GPT-2's blocks with an explicit (R, T, T) boolean attention mask (True = attend).
 
     Returns the last block's output BEFORE the final LayerNorm and, if asked, every layer's
     output (embeddings first), also before ln_f. `tied`: look the tokens up through the
-    caller's TiedLMHead (whose loss will use the same matrix).
+    caller's tied head (`ops.tied_head`, whose loss will use the same matrix).
     """
     tr = lm.transformer
     h = tr.wte(ids) if tied is None else tied.embed(ids)
     if use_positions:
         h = h + tr.wpe(pos)
-    h = dropout(h, tr.drop.p, tr.drop.training)
+    h = ops.dropout(h, tr.drop.p, tr.drop.training)
     layers = [h] if collect_layers else []
     attn_mask = mask[:, None]
     for block in tr.h:
-        h = gpt2_block(block, h, attn_mask)
+        h = gpt2_block(block, h, attn_mask, ops)
         if collect_layers:
             layers.append(h)
     return h, layers
@@ -185,7 +178,31 @@ class LossFamily(nn.Module):
     """What the trainer, evaluator and bench see of a model family: batch (seq, kind) -> loss
     sums, in two halves: `prepare` (host side: packing plans, anything data-dependent) and
     `losses(*prepared)` (device side, fixed shapes for fixed input shapes: the half that
-    torch.compile and CUDA graphs take)."""
+    torch.compile and CUDA graphs take). `ops`: the implementations of the block and head ops
+    this model calls, plain torch unless set up otherwise (`revjepa.cpu.use_cpu_kernels`).
+
+    The rest of the contract, which every family defines: `family` (its registry name,
+    families.py), `headline_metric` (the evaluation metric that picks best_model.pt),
+    `step_cost(kind)` (tokens and FLOPs of a training step), `evaluate_split(split,
+    batch_size, per_layer)` (its metrics), `format_table(results)` (its evaluation table),
+    `hf_state_dict` / `load_hf_state_dict` (checkpoint weights), `export_pretrained(dir)`.
+    """
+
+    family: str
+    headline_metric: str
+    ops: StepOps = TORCH_OPS
+
+    @classmethod
+    def build(
+        cls,
+        model_cfg: ModelConfig,
+        objective: ObjectiveConfig,
+        vocab: Vocab,
+        entity_len: int,
+        train_seq: torch.Tensor | None = None,
+    ) -> LossFamily:
+        """A fresh model of this family (`train_seq`: see `families.build_model`)."""
+        return cls(model_cfg, objective, vocab, entity_len)
 
     def forward(
         self,
@@ -205,6 +222,14 @@ class GPT2Jepa(LossFamily):
 
     family = "gpt2_jepa"
     headline_metric = "mrr"  # evaluation metric that picks best_model.pt
+
+    def step_cost(self, kind: torch.Tensor) -> StepCost:
+        """Tokens of the packed pass and analytic FLOPs of one training step (flops.py)."""
+        e, cfg = self.entity_len, self.model_cfg
+        rows, row_len, scored = batch_shape(kind, 2 * e + 2, e, self.jepa, self.k)
+        vocab = self.lm.config.vocab_size
+        flops = train_step_flops(cfg.n_layer, cfg.n_embd, rows, row_len, scored, vocab)
+        return StepCost(rows * row_len, flops)
 
     def __init__(
         self, model_cfg: ModelConfig, objective: ObjectiveConfig, vocab: Vocab, entity_len: int
@@ -337,7 +362,8 @@ class GPT2Jepa(LossFamily):
         ids = torch.cat([first, tail], 1)
         row_type = 1 - jepa_row
         head = self.lm.lm_head.weight
-        tied = TiedLMHead(head) if head is self.lm.transformer.wte.weight else None
+        ops = self.ops
+        tied = ops.tied_head(head) if head is self.lm.transformer.wte.weight else None
         h, layers = gpt2_hidden_states(
             self.lm,
             ids,
@@ -346,6 +372,7 @@ class GPT2Jepa(LossFamily):
             self.model_cfg.position_embeddings,
             collect_layers=per_layer,
             tied=tied,
+            ops=ops,
         )
 
         # NTP: the E positions before each e2 token, for every item, in packing order.
@@ -356,7 +383,7 @@ class GPT2Jepa(LossFamily):
         want_logits = with_logits or per_layer  # a flag of the call, not of the data
         if want_logits or tied is None:
             logits = scored @ head.T  # (B, E, V)
-            ntp_sum = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
+            ntp_sum = ops.cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
         else:  # training: the (B * E, V) logits never leave the loss
             ntp_sum = tied.cross_entropy_sum(scored.flatten(0, 1), targets.flatten())
         out = LossOutput(
@@ -396,23 +423,76 @@ class GPT2Jepa(LossFamily):
                 ]
         return out
 
+    # ------------------------------------------------------------------ evaluation
 
-def build_model(
-    model_cfg: ModelConfig,
-    objective: ObjectiveConfig,
-    vocab: Vocab,
-    entity_len: int,
-    train_seq: torch.Tensor | None = None,
-) -> nn.Module:
-    """The model of the configured family (the trainer and evaluator only use this interface).
+    @torch.no_grad()
+    def evaluate_split(self, split: Split, batch_size: int, per_layer: bool = False) -> dict:
+        """All metrics of one split (metrics.py), float32, eval mode, batches as tensor slices."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        seq, kind = split.seq.to(device), split.kind.to(device)
+        e = seq.shape[1] // 2 - 1
+        sums = {"ntp_sum": 0.0, "ntp_count": 0.0, "jepa_sum": 0.0, "jepa_count": 0.0}
+        items: dict[str, list[torch.Tensor]] = {}
+        layer_items: list[dict[str, list[torch.Tensor]]] = []
+        for start in range(0, seq.shape[0], batch_size):
+            s, k = seq[start : start + batch_size], kind[start : start + batch_size]
+            out = self(s, k, with_logits=True, per_layer=per_layer)
+            for name in sums:
+                sums[name] += float(getattr(out, name))
+            for name, value in item_metrics(out.logits, s[:, e + 2 :]).items():
+                items.setdefault(name, []).append(value.cpu())
+            if per_layer:
+                if not layer_items:
+                    layer_items = [{} for _ in out.layer_logits]
+                for store, logits in zip(layer_items, out.layer_logits):
+                    for name, value in item_metrics(logits, s[:, e + 2 :]).items():
+                        store.setdefault(name, []).append(value.cpu())
+        self.train(was_training)
+        objective = self.objective
+        ntp = sums["ntp_sum"] / max(sums["ntp_count"], 1.0)
+        jepa = sums["jepa_sum"] / sums["jepa_count"] if sums["jepa_count"] else 0.0
+        result: dict[str, Any] = {
+            "loss": objective.total(ntp, jepa),
+            "ntp_loss": ntp,
+            "jepa_loss": jepa,
+            **summarise(items),
+            "num_samples": int(seq.shape[0]),
+        }
+        if per_layer:
+            result["per_layer"] = [
+                dict(layer=i, **summarise(store)) for i, store in enumerate(layer_items)
+            ]
+        return result
 
-    `train_seq` (the training sequences) gives concept_jepa its entity table; without it (a
-    model rebuilt from a checkpoint) the table comes with the weights in load_hf_state_dict.
-    """
-    if model_cfg.family == "gpt2_jepa":
-        return GPT2Jepa(model_cfg, objective, vocab, entity_len)
-    if model_cfg.family == "concept_jepa":
-        from .concept import ConceptJepa  # concept imports this module
-
-        return ConceptJepa(model_cfg, objective, vocab, entity_len, train_seq)
-    raise UserError(f"unknown model family {model_cfg.family!r}")
+    @staticmethod
+    def format_table(results: dict[str, Any]) -> str:
+        """The evaluation table of a gpt2_jepa result."""
+        header = (
+            f"{'split':<8} {'NTP loss':>9} {'MRR avg':>8} {'MRR tok1':>9} {'MRR tok2':>9} "
+            f"{'MRR joint':>10} {'joint NLL':>10} {'joint acc':>10}"
+        )
+        lines = [f"step {results['step']}  ({results['checkpoint']})", header, "-" * len(header)]
+        for name, m in results["splits"].items():
+            lines.append(
+                f"{name:<8} {m['ntp_loss']:>9.4f} {m['mrr']:>8.4f} {m['mrr_token1']:>9.4f} "
+                f"{m['mrr_token2']:>9.4f} {m['mrr_joint']:>10.4f} {m['joint_nll']:>10.4f} "
+                f"{m['joint_accuracy']:>10.4f}"
+            )
+            for layer in m.get("per_layer", []):
+                lines.append(
+                    f"  L{layer['layer']:<5} {'':>9} {layer['mrr']:>8.4f} "
+                    f"{layer['mrr_token1']:>9.4f} {layer['mrr_token2']:>9.4f} "
+                    f"{layer['mrr_joint']:>10.4f} {layer['joint_nll']:>10.4f} "
+                    f"{layer['joint_accuracy']:>10.4f}"
+                )
+        s = results["splits"]
+        if "train" in s and "test" in s:
+            lines.append(f"train-test MRR gap: {s['train']['mrr'] - s['test']['mrr']:+.4f}")
+        if "atomic" in s and "test" in s:
+            lines.append(
+                f"atomic (seen direction) MRR {s['atomic']['mrr']:.4f} vs test (reverse) "
+                f"MRR {s['test']['mrr']:.4f}"
+            )
+        return "\n".join(lines)

@@ -1,19 +1,16 @@
-"""The step-based training loop (single process or torchrun/DDP).
+"""The step-based trainer (one process or torchrun/srun DDP).
 
-Step N means N optimizer updates done. The batch of a step is a pure function of (seed, step):
-one seeded permutation per epoch, global batch = batch_size x world size, rank r takes slice r.
-So resuming needs only the step, and 1-process and N-process runs see the same examples.
+`setup_run` resolves the device, data, model, optimizer, checkpointer and logging into a `Run`;
+`Trainer.fit` runs its loop: step -> log -> maybe evaluate -> maybe save -> maybe stop. Step N
+means N optimizer updates done; the batch of a step is a pure function of (seed, step)
+(`data.BatchSampler`), so resuming needs only the step and the state in the checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -22,63 +19,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from .checkpoint import (
-    find_latest_valid,
-    load_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
-from .config import RESUMABLE_OVERRIDES, RunConfig
-from .data import Dataset, load_dataset
-from .errors import UserError, one_line
-from .evaluate import append_jsonl, evaluate_split, read_jsonl
-from .faults import crash, crash_requested
-from .model import build_model, collapse_signal, to_device
-from .schedule import checkpoint_steps, lr_multiplier, should_eval, should_save
+from .checkpoint import Checkpointer, find_latest_valid, load_checkpoint
+from .compiled import compile_model, compiled_or_eager, with_model
+from .config import RunConfig, resolve_config
+from .cpu import setup_cpu_kernels, uses_cpu_kernels
+from .data import BatchSampler, Dataset, load_dataset
+from .distributed import Dist, init_distributed, launcher_world_size
+from .errors import UserError
+from .evaluate import evaluate_split
+from .families import build_model
+from .flops import peak_flops
+from .model import collapse_signal
+from .runlog import RunLock, append_jsonl, truncate_jsonl, write_run_state
+from .schedule import lr_multiplier, should_eval
+from .step import StepContext, StepResult, make_optimizer, resolve_precision, train_step
 
 log = logging.getLogger("revjepa.train")
 
 
 # ----------------------------------------------------------------------------- small pieces
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def launcher_world_size() -> int:
-    """The number of processes the launcher (torchrun or srun) started, before any set-up."""
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
-
-
-def init_distributed(device_kind: str) -> Dist:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a bare `srun` (one task per GPU) sets SLURM_*."""
-    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        if "MASTER_ADDR" not in os.environ:
-            raise UserError("srun with several tasks: export MASTER_ADDR (and MASTER_PORT) first")
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        os.environ.setdefault("MASTER_PORT", "29500")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def resolve_device(requested: str, d: Dist) -> torch.device:
@@ -88,63 +48,6 @@ def resolve_device(requested: str, d: Dist) -> torch.device:
         torch.cuda.set_device(d.local_rank)
         return torch.device("cuda", d.local_rank)
     return torch.device("cpu")
-
-
-def resolve_precision(precision: str, device: torch.device, notice) -> str:
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            notice("bf16 is not supported on this GPU: training in float32")
-            return "fp32"
-        if device.type == "cpu" and not _cpu_has_bf16():
-            notice("this CPU has no native bf16 support: training in float32")
-            return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        notice("fp16 autocast needs CUDA: training in float32")
-        return "fp32"
-    return precision
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def stream_generator(seed: int, stream: str, index: int) -> torch.Generator:
-    """A generator for one (seed, purpose, index): no two runs or steps share a stream."""
-    digest = hashlib.blake2b(f"{seed}:{stream}:{index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=stream_generator(seed, "epoch", epoch))
-
-
-def loss_dropout_keep(seed: int, step: int, n: int, p: float) -> torch.Tensor:
-    """Per-item keep mask of the global batch, a pure function of (seed, step)."""
-    return torch.rand(n, generator=stream_generator(seed, "loss_dropout", step)) >= p
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (attention/MLP weights and the embeddings), not on biases/LayerNorm."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 class Preemption:
@@ -166,37 +69,6 @@ class Preemption:
         the default while the interpreter shuts down, but leaves an ignored signal ignored."""
         for sig, handler in self.previous.items():
             signal.signal(sig, signal.SIG_IGN if self.signal is not None else handler)
-
-
-class RunLock:
-    """One trainer per output directory; the OS drops the lock when the process dies."""
-
-    def __init__(self, output_dir: Path) -> None:
-        self.path = output_dir / ".lock"
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.close()
-            raise UserError(f"{output_dir}: another trainer is running in this directory") from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(f"{os.getpid()}\n")
-        self.fh.flush()
-
-
-RUN_STATE = "run_state.json"
-
-
-def write_run_state(output_dir: Path, state: str, step: int, max_steps: int, signum) -> None:
-    """`run_state.json`: running / finished / stopped (by a signal), written atomically. The
-    SLURM script reads it to requeue only a run that a signal stopped short of --max_steps."""
-    record = {"state": state, "step": step, "max_steps": max_steps, "time": time.time()}
-    if signum is not None:
-        record["signal"] = signal.Signals(signum).name
-    tmp = output_dir / f".{RUN_STATE}.tmp"
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, output_dir / RUN_STATE)
 
 
 class _TqdmAwareHandler(logging.StreamHandler):
@@ -225,58 +97,20 @@ def setup_logging(output_dir: Path | None, main: bool) -> None:
 # ----------------------------------------------------------------------------- run set-up
 
 
-def resolve_run(
-    config: RunConfig, overrides: dict[str, dict[str, Any]], resume_from: str | None
-) -> tuple[RunConfig, dict[str, Any] | None, Path | None]:
-    """Apply resume semantics: the checkpoint's configuration wins, except resumable fields."""
-    output_dir = Path(config.train.output_dir)
+def find_resume_state(
+    output_dir: Path, resume_from: str | None
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint to resume from (loaded and verified), or (None, None) for a fresh start:
+    no --resume_from, or `latest` in a directory without a valid checkpoint (requeue-safe)."""
     if resume_from is None:
-        return config, None, None
+        return None, None
     if resume_from == "latest":
         found = find_latest_valid(output_dir / "checkpoints")
         if found is None:
-            return config, None, None  # nothing to resume: a fresh start (requeue-safe)
+            return None, None
         path, state = found
-    else:
-        path = Path(resume_from)
-        state = load_checkpoint(path)
-    saved = RunConfig.from_dict(state["config"])
-    # The global batch must stay the same; the per-process batch follows the world size.
-    saved_global = saved.train.batch_size * int(state.get("world_size", 1))
-    world = launcher_world_size()
-    given_batch = overrides.get("train", {}).get("batch_size")
-    if given_batch is None and saved_global % world == 0:
-        per_process = saved_global // world
-    else:
-        per_process = given_batch if given_batch is not None else saved.train.batch_size
-    if per_process * world != saved_global:
-        raise UserError(
-            f"{path}: the run's global batch is {saved_global}; with {world} process(es) use "
-            f"--batch_size {saved_global / world:g} (a whole number is required)"
-        )
-    overrides = {**overrides, "train": {**overrides.get("train", {}), "batch_size": per_process}}
-    conflicts = []
-    for section, values in overrides.items():
-        saved_section = getattr(saved, section)
-        for name, value in values.items():
-            if name in RESUMABLE_OVERRIDES or name == "batch_size":
-                continue
-            if getattr(saved_section, name) != value:
-                conflicts.append(f"--{name} {value} (checkpoint: {getattr(saved_section, name)})")
-    if conflicts:
-        raise UserError(f"{path}: flags conflict with the checkpoint's run: {', '.join(conflicts)}")
-    merged = saved.to_dict()
-    for section, values in overrides.items():
-        for name, value in values.items():
-            if name in RESUMABLE_OVERRIDES or name == "batch_size":
-                merged[section][name] = value
-    if "output_dir" not in overrides.get("train", {}) and resume_from != "latest":
-        # resuming from an explicit path: keep writing next to that checkpoint's run
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        merged["train"]["output_dir"] = str(run_dir)
-    resolved = RunConfig.from_dict(merged)
-    resolved.validate()
-    return resolved, state, path
+        return state, path
+    return load_checkpoint(resume_from), Path(resume_from)
 
 
 def check_output_dir(output_dir: Path, resume_requested: bool) -> None:
@@ -310,44 +144,135 @@ def steps_per_epoch(n_train: int, global_batch: int, where: str) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once by `setup_run`."""
+
+    config: RunConfig
+    dist: Dist
+    device: torch.device
+    dataset: Dataset
+    model: torch.nn.Module  # the family's model (what checkpoints and evaluation see)
+    ctx: StepContext  # the module that trains (compiled / DDP), optimizer, precision, ...
+    sampler: BatchSampler
+    checkpointer: Checkpointer
+    output_dir: Path
+    max_steps: int
+    steps_per_epoch: int
+    start_step: int
+    state: dict[str, Any] | None  # the checkpoint resumed from
+    lock: RunLock | None = None  # held for the life of the run (main process)
+    peak_flops: float = math.inf  # per device, for the MFU of the log records
+    peak_source: str = ""
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+
 def train(
     config: RunConfig,
     overrides: dict[str, dict[str, Any]] | None = None,
     resume_from: str | None = None,
 ) -> Path:
     """Train (or resume) a run; returns the output directory."""
-    overrides = overrides or {}
-    config.validate()
-    config, state, resume_path = resolve_run(config, overrides, resume_from)
+    state, resume_path = find_resume_state(Path(config.train.output_dir), resume_from)
+    config = resolve_config(
+        config, overrides or {}, state, resume_path, resume_from, launcher_world_size()
+    )
     tc = config.train
     d = init_distributed("cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu")
     preempt = Preemption()
     try:
-        return _train(config, state, resume_path, d, resume_from, preempt)
+        run = setup_run(config, state, resume_path, d, resume_from)
+        if run is None:
+            return Path(tc.output_dir)
+        return Trainer(run, preempt).fit()
     finally:
         preempt.restore()
         for handler in list(log.handlers):
             handler.close()
             log.removeHandler(handler)
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        d.close()
 
 
-def _train(
+def setup_run(
     config: RunConfig,
     state: dict[str, Any] | None,
     resume_path: Path | None,
     d: Dist,
     resume_from: str | None,
-    preempt: Preemption,
-) -> Path:
-    tc, oc = config.train, config.objective
+) -> Run | None:
+    """Build the run; None when `--resume_from latest` finds it already finished. Everything
+    that can reject the input runs before the first file is created or touched."""
+    tc = config.train
     output_dir = Path(tc.output_dir)
-    ckpt_dir = output_dir / "checkpoints"
-    # Everything that can reject the input runs before the first file is created or touched.
     if d.main:
         check_output_dir(output_dir, resume_from is not None)
     device = resolve_device(tc.device, d)
+    use_compile, cuda_graphs = _compile_choice(config, device, d)
+    dataset = load_dataset(tc.data_dir)
+    if state is not None and state.get("vocab") != dataset.vocab.token_to_id:
+        raise UserError(
+            f"{resume_path}: the checkpoint's vocabulary does not match {tc.data_dir}/vocab.json"
+        )
+    spe = steps_per_epoch(len(dataset.train), tc.batch_size * d.world, tc.data_dir)
+    max_steps = tc.max_steps or (tc.num_epochs * spe if tc.num_epochs else tc.total_steps_default)
+    start_step = int(state["step"]) if state is not None else 0
+    if start_step >= max_steps and resume_from == "latest":
+        # a requeued or resubmitted job of a finished run: nothing to do, and not an error
+        if d.main:
+            print(
+                f"{resume_path}: the run is already at step {start_step} (--max_steps {max_steps})"
+            )
+        return None
+    if start_step >= max_steps:
+        raise UserError(f"the run is already at step {start_step} >= --max_steps {max_steps}")
+    torch.manual_seed(tc.seed)
+    model = build_model(
+        config.model, config.objective, dataset.vocab, dataset.entity_len,
+        train_seq=dataset.train.seq,
+    ).to(device)  # fmt: skip
+    checkpointer = Checkpointer(output_dir / "checkpoints", tc, max_steps, d.main)
+    lock = None
+    if d.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpointer.prepare()
+        lock = RunLock(output_dir)
+        write_run_state(output_dir, "running", start_step, max_steps, None)
+    setup_logging(output_dir if d.main else None, d.main)
+    setup_cpu_kernels(model, tc.cpu_kernels, device, use_compile, d, log.warning)  # once, here
+    precision = resolve_precision(tc.precision, device, log.warning)
+    if tc.max_steps is not None and tc.num_epochs is not None:
+        log.info(f"--max_steps {tc.max_steps} given: it wins over --num_epochs {tc.num_epochs}")
+    optimizer = make_optimizer(model, tc.learning_rate, tc.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    ctx = StepContext(
+        model, optimizer, scaler, params, config.objective, precision, device, d.world,
+        tc.max_grad_norm,
+    )  # fmt: skip
+    if state is not None:
+        _restore(state, ctx, checkpointer)
+    sampler = BatchSampler(
+        dataset.train, seed=tc.seed, batch_size=tc.batch_size, rank=d.rank, world=d.world,
+        steps_per_epoch=spe, loss_dropout=config.objective.loss_dropout, device=device,
+    )  # fmt: skip
+    run = Run(
+        config, d, device, dataset, model, ctx, sampler, checkpointer, output_dir, max_steps,
+        spe, start_step, state, lock,
+    )  # fmt: skip
+    run.peak_flops, run.peak_source = peak_flops(device, precision, tc.peak_tflops)
+    _announce(run, resume_path, use_compile, cuda_graphs)
+    _wrap_model(run, use_compile, cuda_graphs)
+    return run
+
+
+def _compile_choice(config: RunConfig, device: torch.device, d: Dist) -> tuple[bool, bool]:
+    tc = config.train
     use_compile = tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda")
     # CUDA graphs replay a whole captured step: a single device, and no DDP hooks in between
     cuda_graphs = (
@@ -358,461 +283,284 @@ def _train(
             "--cuda_graphs on needs torch.compile (--compile on or auto) on one CUDA device "
             f"without DDP (here: device {device}, --compile {tc.compile}, world size {d.world})"
         )
-    dataset: Dataset = load_dataset(tc.data_dir)
-    if state is not None and state.get("vocab") != dataset.vocab.token_to_id:
-        raise UserError(
-            f"{resume_path}: the checkpoint's vocabulary does not match {tc.data_dir}/vocab.json"
-        )
-    train_split = dataset.train
-    global_batch = tc.batch_size * d.world
-    spe = steps_per_epoch(len(train_split), global_batch, tc.data_dir)
-    max_steps = tc.max_steps or (tc.num_epochs * spe if tc.num_epochs else tc.total_steps_default)
-    start_step = int(state["step"]) if state is not None else 0
-    if start_step >= max_steps and resume_from == "latest":
-        # a requeued or resubmitted job of a finished run: nothing to do, and not an error
-        if d.main:
-            print(
-                f"{resume_path}: the run is already at step {start_step} (--max_steps {max_steps})"
-            )
-        return output_dir
-    if start_step >= max_steps:
-        raise UserError(f"the run is already at step {start_step} >= --max_steps {max_steps}")
-    torch.manual_seed(tc.seed)
-    model = build_model(
-        config.model, oc, dataset.vocab, dataset.entity_len, train_seq=train_split.seq
-    ).to(device)
+    return use_compile, cuda_graphs
 
-    if d.main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_dir.mkdir(exist_ok=True)
-        lock = RunLock(output_dir)  # noqa: F841  (held for the life of the run)
-        remove_stale_temporaries(ckpt_dir)
-        write_run_state(output_dir, "running", start_step, max_steps, None)
-    setup_logging(output_dir if d.main else None, d.main)
-    precision = resolve_precision(tc.precision, device, log.warning)
-    if tc.max_steps is not None and tc.num_epochs is not None:
-        log.info(f"--max_steps {tc.max_steps} given: it wins over --num_epochs {tc.num_epochs}")
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, tc.weight_decay),
-        lr=tc.learning_rate,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        fused=True,  # one kernel for all parameters; also lets a non-finite step be skipped
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
-    best_mrr = -math.inf
-    if state is not None:
-        model.load_hf_state_dict(state["model_state_dict"])
-        optimizer.load_state_dict(state["optimizer_state_dict"])
-        if state.get("scaler_state_dict"):
-            scaler.load_state_dict(state["scaler_state_dict"])
-        best_mrr = float(state.get("best_mrr", -math.inf))
-        torch.set_rng_state(state["rng_state"]["cpu"])
-        if device.type == "cuda" and state["rng_state"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_state"]["cuda"], device)
+def _restore(state: dict[str, Any], ctx: StepContext, checkpointer: Checkpointer) -> None:
+    """Weights, optimizer, scaler, best metric and RNG state of the checkpoint resumed from."""
+    ctx.run_model.load_hf_state_dict(state["model_state_dict"])
+    ctx.optimizer.load_state_dict(state["optimizer_state_dict"])
+    if state.get("scaler_state_dict"):
+        ctx.scaler.load_state_dict(state["scaler_state_dict"])
+    checkpointer.best = float(state.get("best_mrr", -math.inf))
+    torch.set_rng_state(state["rng_state"]["cpu"])
+    if ctx.device.type == "cuda" and state["rng_state"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_state"]["cuda"], ctx.device)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    resolved = config.to_dict()
+
+def _announce(run: Run, resume_path: Path | None, use_compile: bool, cuda_graphs: bool) -> None:
+    """`training_args.json` (the resolved configuration), metrics cut back to the resumed
+    step, and the start-up log lines (main process)."""
+    d, device, tc = run.dist, run.device, run.config.train
+    precision, global_batch = run.ctx.precision, run.sampler.global_batch
+    n_params = sum(p.numel() for p in run.model.parameters())
+    resolved = run.config.to_dict()
     resolved["resolved"] = {
-        "max_steps": max_steps,
-        "steps_per_epoch": spe,
+        "max_steps": run.max_steps,
+        "steps_per_epoch": run.steps_per_epoch,
         "world_size": d.world,
         "global_batch_size": global_batch,
         "precision": precision,
         "compile": use_compile,
         "cuda_graphs": cuda_graphs,
+        "cpu_kernels": uses_cpu_kernels(run.model),
         "device": str(device),
         "cpu_threads": torch.get_num_threads(),
         "parameters": n_params,
+        "peak_flops": run.peak_flops,
+        "peak_flops_source": run.peak_source,
     }
-    metrics_path = output_dir / "metrics.jsonl"
-    if d.main:
-        (output_dir / "training_args.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        _truncate_metrics(metrics_path, start_step)
-        n_ckpt = len(
-            [
-                s
-                for s in checkpoint_steps(
-                    max_steps, tc.save_steps, tc.save_step_dense, tc.save_step_dense_interval
-                )
-                if s > start_step
-            ]
-        )
-        cpu_note = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
-        log.info(
-            f"device {device}{cpu_note} | precision {precision} | world size {d.world} | "
-            f"parameters {n_params:,}"
-        )
-        log.info(
-            f"train items {len(train_split):,} | batch {tc.batch_size} per process, global "
-            f"{global_batch} | steps per epoch {spe:,} | max steps {max_steps:,} "
-            f"(~{max_steps / spe:.1f} epochs) | {n_ckpt} checkpoints to write"
-        )
-        if state is not None:
-            log.info(f"resumed from {resume_path} at step {start_step}")
-            _warn_thread_change(state, device)
-        log.info(f"output: {output_dir}")
+    if not d.main:
+        return
+    (run.output_dir / "training_args.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    truncate_jsonl(run.metrics_path, run.start_step)
+    cpu_note = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    log.info(
+        f"device {device}{cpu_note} | precision {precision} | world size {d.world} | "
+        f"parameters {n_params:,}"
+    )
+    spe, max_steps = run.steps_per_epoch, run.max_steps
+    log.info(
+        f"train items {len(run.dataset.train):,} | batch {tc.batch_size} per process, global "
+        f"{global_batch} | steps per epoch {spe:,} | max steps {max_steps:,} "
+        f"(~{max_steps / spe:.1f} epochs) | {run.checkpointer.planned_after(run.start_step)} "
+        "checkpoints to write"
+    )
+    if run.state is not None:
+        log.info(f"resumed from {resume_path} at step {run.start_step}")
+        _warn_thread_change(run.state, device)
+    log.info(f"output: {run.output_dir}")
 
-    seq_all = train_split.seq.to(device)
-    # kinds and the permutation stay on the host: the model plans each batch's packing from
-    # them there, so a GPU step never waits for a device-to-host copy (see GPT2Jepa.prepare)
-    kind_all = train_split.kind
-    valid_split = dataset.valid[tc.valid_split]
-    perms: dict[int, torch.Tensor] = {}
 
-    def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This rank's (sequences, kinds, loss-dropout keep) of a step: a tensor index."""
-        epoch, pos = divmod(step, spe)
-        if epoch not in perms:
-            perms.clear()
-            perms[epoch] = epoch_permutation(tc.seed, epoch, len(train_split))
-        global_idx = perms[epoch][pos * global_batch : (pos + 1) * global_batch]
-        local_idx = global_idx[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size]
-        keep = None
-        if oc.loss_dropout > 0:
-            keep = loss_dropout_keep(tc.seed, step, global_batch, oc.loss_dropout)
-            keep = keep[d.rank * tc.batch_size : (d.rank + 1) * tc.batch_size]
-            keep = to_device(keep, device)
-        return seq_all[to_device(local_idx, device)], kind_all[local_idx], keep
-
-    run_model: torch.nn.Module = model
+def _wrap_model(run: Run, use_compile: bool, cuda_graphs: bool) -> None:
+    """The module that trains: compiled (after a probe that may fall back to eager), then DDP."""
+    model, ctx = run.model, run.ctx
     if use_compile:
-        run_model = compiled_or_eager(
-            compile_model(model, cuda_graphs),
-            model,
-            batch_at(start_step),
-            oc,
-            precision,
-            device,
-            d.world,
-            log.warning,
-            # CUDA graphs are recorded at the second call: probe that too
-            probe_steps=2 if cuda_graphs else 1,
+        compiled = with_model(ctx, compile_model(model, cuda_graphs))
+        batch = run.sampler.batch(run.start_step)
+        # CUDA graphs are recorded at the second call: probe that too
+        chosen = compiled_or_eager(compiled, model, batch, log.warning, 2 if cuda_graphs else 1)
+        run.ctx = ctx = with_model(ctx, chosen)
+    if run.dist.enabled:  # after the probe: DDP's hooks must belong to the module that trains
+        device = run.device
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            ctx.run_model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if d.enabled:  # after the probe: DDP's hooks must belong to the module that trains
-        run_model = torch.nn.parallel.DistributedDataParallel(
-            run_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    bad_run = 0
-    # Sums of the current log window (this rank's share of the global ntp, jepa means); saved in
-    # checkpoints so that a resumed run writes exactly the records of an uninterrupted one.
-    running = torch.zeros(2, device=device)
-    steps_in_window = 0
-    if state is not None and "log_window" in state:
-        steps_in_window = int(state["log_window"]["steps"])
-        if d.main:
-            running += state["log_window"]["sums"].to(device)
+        run.ctx = with_model(ctx, ddp)
 
-    def snapshot(window_sums: torch.Tensor) -> dict[str, Any]:
-        out = _state(
-            model, optimizer, scaler, config, dataset, step, spe, best_mrr, device, d.world
-        )
-        out["log_window"] = {"sums": window_sums.detach().cpu(), "steps": steps_in_window}
-        return out
 
-    t_last, step_last = time.perf_counter(), start_step
-    progress = _progress(d.main, start_step, max_steps)
+# ----------------------------------------------------------------------------- the loop
 
-    step = start_step
-    while step < max_steps:
-        # ---- batch: a tensor index into the data (sequences on the device, kinds on the host)
-        seq, kind, keep = batch_at(step)
-        lr = tc.learning_rate * lr_multiplier(step, tc.warmup_steps, max_steps, tc.scheduler)
-        res = train_step(
-            run_model,
-            optimizer,
-            scaler,
-            params,
-            seq,
-            kind,
-            keep,
-            lr,
-            oc,
-            precision,
-            device,
-            d.world,
-            tc.max_grad_norm,
-            step + 1,
-        )
-        out, loss, ntp, jepa, grad_norm, bad = (
-            res.out,
-            res.loss,
-            res.ntp,
-            res.jepa,
-            res.grad_norm,
-            res.bad,
-        )
-        step += 1
-        running += torch.stack([ntp, jepa]).float()
-        steps_in_window += 1
 
-        # ---- non-finite guard: checked every step on CPU (free), at log steps on GPU
-        if device.type == "cpu" or step % tc.log_interval == 0:
-            bad_run = bad_run + 1 if bool(bad) else 0
-            if bad_run >= tc.max_bad_steps:
-                latest = find_latest_valid(ckpt_dir) if d.main else None
-                raise UserError(
-                    f"stopping at step {step}: {bad_run} consecutive non-finite steps (loss "
-                    f"{float(loss):.4g}, grad norm {float(grad_norm):.4g}); last good checkpoint: "
-                    f"{latest[0] if latest else 'none'}"
+class LogWindow:
+    """Sums of the current log window (this rank's share of the global NTP and JEPA means) and
+    its step count; saved in checkpoints so that a resumed run writes exactly the records of
+    an uninterrupted one."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2, device=device)
+        self.steps = 0
+
+    def add(self, res: StepResult) -> None:
+        self.sums += torch.stack([res.ntp, res.jepa]).float()
+        self.steps += 1
+
+    def state_dict(self, sums: torch.Tensor) -> dict[str, Any]:
+        return {"sums": sums.detach().cpu(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any], main: bool) -> None:
+        self.steps = int(state["steps"])
+        if main:
+            self.sums += state["sums"].to(self.sums.device)
+
+
+class Trainer:
+    """Runs a `Run` from its start step to --max_steps (or to a stop signal)."""
+
+    def __init__(self, run: Run, preempt: Preemption) -> None:
+        self.run, self.preempt = run, preempt
+        self.step = run.start_step
+        self.window = LogWindow(run.device)
+        if run.state is not None and "log_window" in run.state:
+            self.window.load_state_dict(run.state["log_window"], run.dist.main)
+        self.bad_run = 0
+        self.t_last, self.step_last = time.perf_counter(), run.start_step
+        self.window_tokens, self.window_flops = 0, 0.0  # this rank's, since t_last
+        self.progress = _progress(run.dist.main, run.start_step, run.max_steps)
+
+    def fit(self) -> Path:
+        run, tc = self.run, self.run.config.train
+        while self.step < run.max_steps:
+            res = self.train_one_step()
+            self.guard_non_finite(res)
+            record = self.log_record(res) if self._log_due() else {}
+            if should_eval(self.step, tc.eval_steps, run.max_steps):
+                record.update(self.evaluate())
+            if record and run.dist.main:
+                append_jsonl(run.metrics_path, record)
+                _log_record(record, self.progress, tc.valid_split)
+            stop = self.should_stop()
+            if stop or run.checkpointer.due(self.step):
+                self.save()
+            if stop:
+                log.info(
+                    f"received signal {self.preempt.signal}: checkpointed step {self.step}; "
+                    "resume with --resume_from latest"
                 )
-        if progress is not None:
-            progress.update(1)
+                break
+        self.finish()
+        return run.output_dir
 
-        # ---- logging, evaluation, checkpoints
-        record: dict[str, Any] = {}
-        if step % tc.log_interval == 0 or step == max_steps:
-            if d.enabled:
-                dist.all_reduce(running)
-            ntp_mean, jepa_mean = (running / steps_in_window).tolist()
-            total = oc.gamma_ntp * ntp_mean + (oc.lambda_jepa * jepa_mean if oc.jepa_active else 0)
-            now = time.perf_counter()
-            record.update(
-                step=step,
-                epoch=step / spe,
-                lr=lr,
-                loss=total,
-                ntp_loss=ntp_mean,
-                jepa_loss=jepa_mean,
-                grad_norm=float(grad_norm),
-                steps_per_s=(step - step_last) / max(now - t_last, 1e-9),
+    def train_one_step(self) -> StepResult:
+        run, tc = self.run, self.run.config.train
+        batch = run.sampler.batch(self.step)
+        lr = tc.learning_rate * lr_multiplier(
+            self.step, tc.warmup_steps, run.max_steps, tc.scheduler
+        )
+        res = train_step(run.ctx, batch, lr, self.step + 1)
+        cost = run.model.step_cost(batch.kind)  # host arithmetic on the host-side kinds
+        self.window_tokens += cost.tokens
+        self.window_flops += cost.flops
+        self.lr = lr
+        self.step += 1
+        self.window.add(res)
+        if self.progress is not None:
+            self.progress.update(1)
+        return res
+
+    def guard_non_finite(self, res: StepResult) -> None:
+        """Checked every step on CPU (free), at log steps on GPU (a host sync)."""
+        run, tc = self.run, self.run.config.train
+        if run.device.type != "cpu" and self.step % tc.log_interval != 0:
+            return
+        self.bad_run = self.bad_run + 1 if bool(res.bad) else 0
+        if self.bad_run >= tc.max_bad_steps:
+            latest = find_latest_valid(run.checkpointer.dir) if run.dist.main else None
+            raise UserError(
+                f"stopping at step {self.step}: {self.bad_run} consecutive non-finite steps (loss "
+                f"{float(res.loss):.4g}, grad norm {float(res.grad_norm):.4g}); last good "
+                f"checkpoint: {latest[0] if latest else 'none'}"
             )
-            pred = out.jepa_embeddings()
-            if pred is not None:
-                record.update({k: float(v) for k, v in collapse_signal(pred).items()})
-            running.zero_()
-            steps_in_window = 0
-            t_last, step_last = now, step
-        if should_eval(step, tc.eval_steps, max_steps):
-            if d.main:
-                metrics = evaluate_split(model, valid_split, tc.eval_batch_size)
-                record.update(
-                    step=step,
-                    epoch=step / spe,
-                    **{f"eval_{tc.valid_split}_{k}": v for k, v in metrics.items()},
-                )
-                if metrics[model.headline_metric] > best_mrr:
-                    best_mrr = metrics[model.headline_metric]
-                    # (under DDP its log window holds rank 0's share only; resume from
-                    # checkpoint_step_*.pt for exact metrics)
-                    save_checkpoint(ckpt_dir / "best_model.pt", snapshot(running))
-            if d.enabled:
-                best = torch.tensor([best_mrr], device=device, dtype=torch.float64)
-                dist.broadcast(best, 0)
-                best_mrr = float(best)
-        if record and d.main:
-            append_jsonl(metrics_path, record)
-            _log_record(record, progress, tc.valid_split)
-        stop = preempt.signal is not None
-        if d.enabled and (step % min(tc.log_interval, 10) == 0 or step == max_steps):
-            flag = torch.tensor([float(stop)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        elif d.enabled:
-            stop = False  # ranks agree on stopping only at synchronised steps
-        if (
-            should_save(
-                step, tc.save_steps, tc.save_step_dense, tc.save_step_dense_interval, max_steps
+
+    def _log_due(self) -> bool:
+        return (
+            self.step % self.run.config.train.log_interval == 0 or self.step == self.run.max_steps
+        )
+
+    def log_record(self, res: StepResult) -> dict[str, Any]:
+        """The training record of a log step: the window's means over all ranks, lr, speed."""
+        run = self.run
+        sums = run.dist.all_reduce_sum(self.window.sums)
+        ntp_mean, jepa_mean = (sums / self.window.steps).tolist()
+        now = time.perf_counter()
+        record: dict[str, Any] = dict(
+            step=self.step,
+            epoch=self.step / run.steps_per_epoch,
+            lr=self.lr,
+            loss=run.config.objective.total(ntp_mean, jepa_mean),
+            ntp_loss=ntp_mean,
+            jepa_loss=jepa_mean,
+            grad_norm=float(res.grad_norm),
+            steps_per_s=(self.step - self.step_last) / max(now - self.t_last, 1e-9),
+            # every rank's batch costs about what rank 0's does: x world for the job
+            tokens_per_s=self.window_tokens * run.dist.world / max(now - self.t_last, 1e-9),
+            mfu=self.window_flops / max(now - self.t_last, 1e-9) / run.peak_flops,
+        )
+        pred = res.out.jepa_embeddings()
+        if pred is not None:
+            record.update({k: float(v) for k, v in collapse_signal(pred).items()})
+        self.window.sums.zero_()
+        self.window.steps = 0
+        self.t_last, self.step_last = now, self.step
+        self.window_tokens, self.window_flops = 0, 0.0
+        return record
+
+    def evaluate(self) -> dict[str, Any]:
+        """Evaluation of the validation split on the main process; a new best is saved as
+        `best_model.pt` (under DDP its log window holds rank 0's share only: resume from
+        checkpoint_step_*.pt for exact metrics)."""
+        run, tc, record = self.run, self.run.config.train, {}
+        ck = run.checkpointer
+        if run.dist.main:
+            metrics = evaluate_split(
+                run.model, run.dataset.valid[tc.valid_split], tc.eval_batch_size
             )
-            or stop
-        ):
-            window = running.clone()
-            if d.enabled:
-                dist.all_reduce(window)
-            if d.main:
-                path = ckpt_dir / f"checkpoint_step_{step}.pt"
-                save_checkpoint(path, snapshot(window))
-                log.info(f"saved {path}")
-            if d.enabled:
-                dist.barrier()
-        if stop:
+            record = dict(
+                step=self.step,
+                epoch=self.step / run.steps_per_epoch,
+                **{f"eval_{tc.valid_split}_{k}": v for k, v in metrics.items()},
+            )
+            if ck.improves(metrics[run.model.headline_metric]):
+                ck.save_best(self.snapshot(self.window.sums))
+        ck.best = run.dist.broadcast_from_main(ck.best, run.device)
+        return record
+
+    def should_stop(self) -> bool:
+        """A stop signal, agreed by all ranks at synchronised steps only."""
+        run, stop = self.run, self.preempt.signal is not None
+        if not run.dist.enabled:
+            return stop
+        if self.step % min(run.config.train.log_interval, 10) == 0 or self.step == run.max_steps:
+            return run.dist.any_rank(stop, run.device)
+        return False
+
+    def save(self) -> None:
+        run = self.run
+        window = run.dist.all_reduce_sum(self.window.sums.clone())
+        if run.dist.main:
+            path = run.checkpointer.save_step(self.step, self.snapshot(window))
+            log.info(f"saved {path}")
+        run.dist.barrier()
+
+    def snapshot(self, window_sums: torch.Tensor) -> dict[str, Any]:
+        """The checkpoint of the current state (key order as ever: files stay bit-identical)."""
+        run, ctx = self.run, self.run.ctx
+        step, spe, device = self.step, run.steps_per_epoch, run.device
+        return {
+            "model_state_dict": run.model.hf_state_dict(),
+            "optimizer_state_dict": ctx.optimizer.state_dict(),
+            "scheduler_state_dict": {"name": run.config.train.scheduler, "last_step": step},
+            "scaler_state_dict": ctx.scaler.state_dict() if ctx.scaler.is_enabled() else {},
+            "step": step,
+            "epoch": step // spe,
+            "batch_in_epoch": step % spe,
+            "best_mrr": run.checkpointer.best,
+            "rng_state": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            },
+            "config": run.config.to_dict(),
+            "family": run.config.model.family,
+            "vocab": run.dataset.vocab.token_to_id,
+            "entity_len": run.dataset.entity_len,
+            "world_size": run.dist.world,
+            "cpu_threads": torch.get_num_threads(),
+            "log_window": self.window.state_dict(window_sums),
+        }
+
+    def finish(self) -> None:
+        run = self.run
+        if self.progress is not None:
+            self.progress.close()
+        if not run.dist.main:
+            return
+        done = "finished" if self.step == run.max_steps else "stopped"
+        write_run_state(run.output_dir, done, self.step, run.max_steps, self.preempt.signal)
+        if self.step == run.max_steps:
             log.info(
-                f"received signal {preempt.signal}: checkpointed step {step}; resume with "
-                "--resume_from latest"
+                f"done: {run.max_steps} steps; checkpoints in {run.checkpointer.dir}; metrics in "
+                f"{run.metrics_path}"
             )
-            break
-    if progress is not None:
-        progress.close()
-    if d.main:
-        done = "finished" if step == max_steps else "stopped"
-        write_run_state(output_dir, done, step, max_steps, preempt.signal)
-    if d.main and step == max_steps:
-        log.info(f"done: {max_steps} steps; checkpoints in {ckpt_dir}; metrics in {metrics_path}")
-    return output_dir
-
-
-def forward_losses(run_model, seq, kind, keep, oc, precision: str, device, world: int):
-    """The forward half of a step: (model output, total loss, NTP mean, JEPA mean), the means
-    normalised by the GLOBAL counts so that gradients are equal whatever the world size."""
-    with autocast(device, precision):
-        out = run_model(seq, kind, keep)
-    counts = torch.stack([out.ntp_count, out.jepa_count]).float()
-    if world > 1:
-        dist.all_reduce(counts)
-    ntp = out.ntp_sum / counts[0].clamp(min=1)
-    jepa = out.jepa_sum / counts[1].clamp(min=1)
-    loss = oc.gamma_ntp * ntp + (oc.lambda_jepa * jepa if oc.jepa_active else 0.0)
-    return out, loss, ntp, jepa
-
-
-class CompiledLosses(torch.nn.Module):
-    """A model family run with its device half (`losses`) under torch.compile; the host half
-    (`prepare`: packing plans) stays eager, outside the compiled graph. Batches are prepared
-    with fixed shapes, so the graph is compiled once, for static shapes, and never guards on a
-    count; with `cuda_graphs` (mode reduce-overhead) every step replays one recorded CUDA
-    graph for the forward and one for the backward instead of issuing ~300 kernels."""
-
-    def __init__(self, model: torch.nn.Module, cuda_graphs: bool) -> None:
-        super().__init__()
-        # Inductor's coalescing tile analysis (Triton backend) failed on this model under
-        # dynamic shapes (torch 2.11 on an H200: AssertionError in
-        # tiling_utils.get_pw_red_splits); the shapes are static now, but keep the setting
-        # that is known to work.
-        import torch._inductor.config as inductor_config
-
-        inductor_config.triton.coalesce_tiling_analysis = False
-        self.model, self.cuda_graphs = model, cuda_graphs
-        mode = "reduce-overhead" if cuda_graphs else None
-        self.compiled_losses = torch.compile(model.losses, mode=mode, dynamic=False)
-
-    def forward(
-        self, seq: torch.Tensor, kind: torch.Tensor, jepa_keep: torch.Tensor | None = None
-    ) -> Any:
-        prepared = self.model.prepare(seq, kind, jepa_keep, fixed_shapes=True)
-        if self.cuda_graphs:
-            # a new step: the previous step's graph outputs may be overwritten now
-            torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled_losses(*prepared)
-
-
-def compile_model(model: torch.nn.Module, cuda_graphs: bool) -> torch.nn.Module:
-    """The module that trains `model` compiled (see CompiledLosses)."""
-    return CompiledLosses(model, cuda_graphs)
-
-
-def compiled_or_eager(
-    compiled: torch.nn.Module,
-    eager: torch.nn.Module,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    oc,
-    precision: str,
-    device: torch.device,
-    world: int,
-    warn,
-    probe_steps: int = 1,
-) -> torch.nn.Module:
-    """Compilation is lazy, so a platform where it fails only says so at the first step: run
-    `probe_steps` forward + backward passes of `compiled` on `batch` and return it if that
-    works, else warn and return `eager`. Leaves no trace: the RNG states are restored and the
-    gradients dropped, so the run continues exactly as it would have without the probe."""
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    t0 = time.perf_counter()
-    try:
-        for _ in range(probe_steps):
-            _, loss, _, _ = forward_losses(compiled, *batch, oc, precision, device, world)
-            loss.backward()
-            # as train_step does: under CUDA graphs the gradients are graph outputs that the
-            # next replay overwrites, so a second backward must not accumulate into them
-            for p in eager.parameters():
-                p.grad = None
-        chosen = compiled
-        log.info(f"torch.compile: the first step compiled in {time.perf_counter() - t0:.0f} s")
-    except Exception as exc:  # any failure here means: do not use the compiled model
-        warn(f"torch.compile failed ({one_line(exc)}): running eagerly")
-        chosen = eager
-    finally:
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, device)
-        for p in eager.parameters():
-            p.grad = None
-    return chosen
-
-
-@dataclass
-class StepResult:
-    out: Any  # the model's LossOutput
-    loss: torch.Tensor
-    ntp: torch.Tensor
-    jepa: torch.Tensor
-    grad_norm: torch.Tensor
-    bad: torch.Tensor  # True when the update was skipped (non-finite)
-
-
-def train_step(
-    run_model,
-    optimizer,
-    scaler,
-    params,
-    seq,
-    kind,
-    keep,
-    lr: float,
-    oc,
-    precision: str,
-    device: torch.device,
-    world: int,
-    max_grad_norm: float,
-    step_index: int = -1,
-) -> StepResult:
-    """One optimizer update; no host synchronisation (the trainer and `revjepa bench` share it)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    out, loss, ntp, jepa = forward_losses(run_model, seq, kind, keep, oc, precision, device, world)
-    scaler.scale(loss * world).backward()  # DDP averages gradients over ranks
-    if crash_requested("step", step_index):
-        crash()
-    scaler.unscale_(optimizer)
-    clip = max_grad_norm if max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-    # grad_norm is the same on every rank (gradients are all-reduced); a NaN/inf loss gives a
-    # NaN/inf norm, so this one flag covers both and all ranks skip the same steps.
-    bad = ~torch.isfinite(grad_norm)
-    if precision == "fp16":
-        scaler.step(optimizer)  # the scaler skips inf/NaN steps itself
-        scaler.update()
-    else:
-        optimizer.found_inf = bad.float()  # the fused AdamW skips the update when set
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(out, loss.detach(), ntp.detach(), jepa.detach(), grad_norm, bad)
-
-
-def _state(
-    model,
-    optimizer,
-    scaler,
-    config: RunConfig,
-    dataset: Dataset,
-    step: int,
-    spe: int,
-    best_mrr: float,
-    device: torch.device,
-    world_size: int,
-) -> dict[str, Any]:
-    return {
-        "model_state_dict": model.hf_state_dict(),
-        "optimizer_state_dict": optimizer.state_dict(),
-        "scheduler_state_dict": {"name": config.train.scheduler, "last_step": step},
-        "scaler_state_dict": scaler.state_dict() if scaler.is_enabled() else {},
-        "step": step,
-        "epoch": step // spe,
-        "batch_in_epoch": step % spe,
-        "best_mrr": best_mrr,
-        "rng_state": {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        },
-        "config": config.to_dict(),
-        "family": config.model.family,
-        "vocab": dataset.vocab.token_to_id,
-        "entity_len": dataset.entity_len,
-        "world_size": world_size,
-        "cpu_threads": torch.get_num_threads(),
-    }
 
 
 def _warn_thread_change(state: dict[str, Any], device: torch.device) -> None:
@@ -827,16 +575,6 @@ def _warn_thread_change(state: dict[str, Any], device: torch.device) -> None:
         )
 
 
-def _truncate_metrics(path: Path, start_step: int) -> None:
-    """Drop records past the resumed step and any half-written line (exact metrics after resume)."""
-    if not path.exists():
-        return
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
-
-
 def _progress(main: bool, start: int, total: int):
     if not main or not sys.stderr.isatty():
         return None
@@ -847,7 +585,7 @@ def _progress(main: bool, start: int, total: int):
 
 def _log_record(record: dict[str, Any], progress, valid_split: str) -> None:
     parts = [f"step {record['step']}"]
-    for key in ("loss", "ntp_loss", "jepa_loss", "lr", "steps_per_s", "pred_mean_cos"):
+    for key in ("loss", "ntp_loss", "jepa_loss", "lr", "steps_per_s", "mfu", "pred_mean_cos"):
         if key in record:
             parts.append(f"{key} {record[key]:.4g}")
     mrr_key = f"eval_{valid_split}_mrr"

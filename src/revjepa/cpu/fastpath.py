@@ -1,9 +1,13 @@
-"""CPU fast paths for the eager training step, each checked against torch's own op in the tests.
+"""The fused CPU ops of the eager training step (`--cpu_kernels on`), each checked against
+torch's own op in the tests.
 
-On CUDA, and under torch.compile (which fuses these ops itself), the plain torch ops are used.
-Attention, c_fc's bias + GELU, the residual add + c_proj's bias + dropout, the softmax
-cross-entropy and the dropout draws use the C kernels of `cpu_kernels` when they could be
-built on this machine (float32, or the bf16 GEMM outputs of autocast taken in float32).
+A model gets these once, at set-up, from `revjepa.cpu.use_cpu_kernels`, which first loads the
+C kernels of `kernels.py`; they are never chosen per call from the machine's state, and they
+are only given to eager CPU models (torch.compile fuses the plain ops itself, and CUDA has its
+own kernels). Attention, c_fc's bias + GELU, the residual add + c_proj's bias + dropout, the
+softmax cross-entropy and the dropout draws run in C for float32 (and for the bf16 GEMM
+outputs of autocast, taken in float32); other dtypes take torch's ops. The tied LM head and
+its cross-entropy are one function over a reused logits buffer (float32 without autocast).
 """
 
 from __future__ import annotations
@@ -11,46 +15,48 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels
+from .. import ops as torch_ops
+from ..ops import StepOps
+from . import kernels
 
 
-def _plain(x: torch.Tensor) -> bool:
-    return x.device.type != "cpu" or torch.compiler.is_compiling()
+def _lib():
+    """The loaded C library (loaded by `use_cpu_kernels` before any of these ops runs)."""
+    return kernels.loaded()
 
 
-def _kernels(x: torch.Tensor):
-    """The C kernels, if they apply to x and were built: on the CPU outside torch.compile, x in
-    float32, or in bf16 under autocast (a bf16 GEMM's output: the kernel then takes it in
-    float32, one conversion pass, and computes in float32)."""
-    if _plain(x):
-        return None
-    if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")):
-        return cpu_kernels.library()
-    return None
+def _fits(x: torch.Tensor) -> bool:
+    """Whether the C kernels take x: float32, or bf16 under autocast (a bf16 GEMM's output:
+    the kernel then takes it in float32, one conversion pass, and computes in float32)."""
+    return x.dtype == torch.float32 or (
+        x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    )
 
 
 def _c_args(*tensors: torch.Tensor | None) -> None:
-    """The C kernels read raw float32 memory: refuse anything else rather than read past it."""
+    """The C kernels read raw float32 host memory: refuse anything else rather than read past
+    it (a CUDA tensor, another dtype, a strided view)."""
     for t in tensors:
-        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
-            raise TypeError(f"C kernel argument must be contiguous float32, got {t.dtype}")
+        if t is not None and (
+            t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+        ):
+            raise TypeError(
+                f"C kernel argument must be a contiguous float32 CPU tensor, got {t.dtype} on "
+                f"{t.device}"
+            )
 
 
 def _uniform16(shape: tuple[int, ...]) -> torch.Tensor:
-    """int16 uniforms on [-32768, 32767], drawn from torch's CPU generator: by the C kernel
-    from one 64-bit seed drawn there (a counter-based generator, ~10x faster than torch's
-    Mersenne twister), else as int64 draws of torch's generator cut into four."""
+    """int16 uniforms on [-32768, 32767] from the C kernel's counter-based generator (~10x
+    faster than torch's Mersenne twister), seeded by one 64-bit draw of torch's CPU generator:
+    seeds and checkpointed RNG state keep working."""
     n = 1
     for size in shape:
         n *= size
-    lib = cpu_kernels.library()
-    if lib is not None:
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)) % 2**64
-        out = torch.empty(shape, dtype=torch.int16)
-        lib.uniform16(seed, _ptr(out), n, torch.get_num_threads())
-        return out
-    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-    return bits.view(torch.int16)[:n].view(shape)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)) % 2**64
+    out = torch.empty(shape, dtype=torch.int16)
+    _lib().uniform16(seed, _ptr(out), n, torch.get_num_threads())
+    return out
 
 
 def _keep_threshold(p: float) -> tuple[int, float]:
@@ -64,8 +70,8 @@ def _keep_threshold(p: float) -> tuple[int, float]:
 def _keep_mask(
     x: torch.Tensor, p: float, dtype: torch.dtype = torch.bool
 ) -> tuple[torch.Tensor, float]:
-    """Keep-mask shaped like x (0/1 in `dtype`) and the scale of kept values: one 64-bit draw
-    per four elements where `bernoulli_` draws one per element (see `_keep_threshold`)."""
+    """Keep-mask shaped like x (0/1 in `dtype`) and the scale of kept values: one 16-bit draw
+    per element (see `_keep_threshold`)."""
     threshold, scale = _keep_threshold(p)
     # the comparison writes `dtype` directly: a bool mask converted afterwards is one more pass
     keep = torch.empty(x.shape, dtype=dtype)
@@ -74,10 +80,10 @@ def _keep_mask(
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`F.dropout` whose CPU mask costs one 64-bit random draw per 4 elements (`_keep_mask`)."""
+    """`F.dropout` with its mask from the C generator's 16-bit draws (`_keep_mask`)."""
     if not training or p == 0.0:
         return x
-    if _plain(x) or p >= 1.0:
+    if p >= 1.0:
         return F.dropout(x, p, training=True)
     keep, scale = _keep_mask(x, p)
     # x * mask (the bool promotes to x's dtype on the fly) is twice as fast as where(mask, x, 0)
@@ -90,7 +96,7 @@ def residual_dropout(h: torch.Tensor, y: torch.Tensor, p: float, training: bool)
     the scaled value is added in h's float32 without being rounded to bf16 first."""
     if not training or p == 0.0:
         return h + y
-    if _plain(y) or p >= 1.0:
+    if p >= 1.0:
         return h + F.dropout(y, p, training=True)
     keep, scale = _keep_mask(y, p, y.dtype)
     return torch.addcmul(h, y, keep, value=scale)
@@ -131,14 +137,9 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        lib = cpu_kernels.library()
-        if lib is not None:  # one C pass over a float32 copy: the caller's logits stay
-            prob = logits.to(torch.float32, copy=True).contiguous()
-            loss = _softmax_cross_entropy_(lib, prob, target)
-        else:
-            logp = torch.log_softmax(logits.float(), 1)  # a new tensor, as above
-            loss = -logp.gather(1, target[:, None]).sum()
-            prob = logp.exp_()
+        # one C pass over a float32 copy: the caller's logits stay
+        prob = logits.to(torch.float32, copy=True).contiguous()
+        loss = _softmax_cross_entropy_(_lib(), prob, target)
         ctx.save_for_backward(prob, target)
         ctx.in_dtype = logits.dtype
         ctx.used = False
@@ -154,8 +155,6 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
 def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`F.cross_entropy(logits.float(), target, reduction="sum")` for (n, V) logits, computed in
     float32 whatever the logits' dtype."""
-    if _plain(logits):
-        return F.cross_entropy(logits.float(), target, reduction="sum")
     return _SoftmaxCrossEntropySum.apply(logits, target)
 
 
@@ -178,15 +177,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         if buf is None:
             buf = torch.empty(shape, dtype=torch.float32)
         torch.mm(x, weight.T, out=buf)
-        lib = cpu_kernels.library()
-        if lib is not None:
-            loss, prob = _softmax_cross_entropy_(lib, buf, target), buf
-        else:
-            # in place: ATen's last-dim kernel reads each row whole before writing it (a test
-            # pins the result against torch.log_softmax)
-            torch._log_softmax(buf, 1, False, out=buf)
-            loss = -buf.gather(1, target[:, None]).sum()
-            prob = buf.exp_()
+        loss, prob = _softmax_cross_entropy_(_lib(), buf, target), buf
         ctx.save_for_backward(x, weight, prob, target)
         ctx.tie, ctx.used = tie, False
         return loss
@@ -228,19 +219,18 @@ class _TiedEmbedding(torch.autograd.Function):
 class TiedLMHead:
     """The token embedding and the LM head of one forward pass, sharing one (V, d) matrix.
 
-    On the CPU in float32 without autocast, `cross_entropy_sum` is one function over one
-    reused (n, V) buffer, and its weight gradient is not returned to autograd but handed to
-    the embedding's backward, which runs later (the embedding is upstream of the head) and
-    adds its rows in place: the zero-filled (V, d) embedding gradient and the sum of two
-    (V, d) gradients, each a pass over 16 MB at the bench size, are saved. Elsewhere (CUDA,
-    torch.compile, autocast, no grad) these are the plain ops.
+    In float32 without autocast, `cross_entropy_sum` is one function over one reused (n, V)
+    buffer, and its weight gradient is not returned to autograd but handed to the embedding's
+    backward, which runs later (the embedding is upstream of the head) and adds its rows in
+    place: the zero-filled (V, d) embedding gradient and the sum of two (V, d) gradients, each
+    a pass over 16 MB at the bench size, are saved. Elsewhere (autocast, no grad, other
+    dtypes) these are F.embedding and `cross_entropy_sum`.
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
         self.fast = (
-            not _plain(weight)
-            and weight.dtype == torch.float32
+            weight.dtype == torch.float32
             and weight.requires_grad
             and torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
@@ -279,7 +269,6 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, mask, n_head: int, p: float):
-        lib = cpu_kernels.library()
         rows, t, three_d = qkv.shape
         hd = three_d // 3 // n_head
         qkv, mask = qkv.contiguous(), mask.contiguous()
@@ -289,7 +278,7 @@ class _Attention(torch.autograd.Function):
         prob = qkv.new_empty((rows, n_head, t, t))
         y = qkv.new_empty((rows, t, three_d // 3))
         args = (rows, t, n_head, hd, hd**-0.5, torch.get_num_threads())
-        lib.attention_forward(
+        _lib().attention_forward(
             _ptr(qkv), _ptr(mask), _ptr(bits), threshold, scale, _ptr(prob), _ptr(y), *args
         )
         ctx.save_for_backward(qkv, prob)
@@ -301,7 +290,7 @@ class _Attention(torch.autograd.Function):
         qkv, prob = ctx.saved_tensors
         grad_y = _c_grad(grad_y)
         grad = torch.empty_like(qkv)
-        cpu_kernels.library().attention_backward(
+        _lib().attention_backward(
             _ptr(qkv),
             _ptr(prob),
             _ptr(ctx.bits),
@@ -319,19 +308,16 @@ def attention(
 ) -> torch.Tensor:
     """GPT-2's attention from the (R, T, 3d) c_attn output to the (R, T, d) input of c_proj:
     `mask` (R or 1, 1, T, T) bool, True = attend (None: causal); dropout p on the attention
-    weights when training. `F.scaled_dot_product_attention` where the C kernel does not apply."""
-    rows, t, three_d = qkv.shape
-    p = p if training else 0.0
-    if _kernels(qkv) is not None and p < 1.0 and (mask is None or mask.dtype == torch.bool):
+    weights when training. Torch's attention (`revjepa.ops.attention`) where the C kernel does
+    not apply."""
+    rows, t, _ = qkv.shape
+    p_train = p if training else 0.0
+    if _fits(qkv) and p_train < 1.0 and (mask is None or mask.dtype == torch.bool):
         if mask is None:
             mask = torch.ones(t, t, dtype=torch.bool).tril()
         mask = mask.expand(rows, 1, t, t).reshape(rows, t, t)
-        return _Attention.apply(qkv.float(), mask, n_head, p)
-    d = three_d // 3
-    shape = (rows, t, n_head, d // n_head)
-    q, k, v = (x.view(shape).transpose(1, 2) for x in qkv.split(d, dim=2))
-    y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=p, is_causal=mask is None)
-    return y.transpose(1, 2).reshape(rows, t, d)
+        return _Attention.apply(qkv.float(), mask, n_head, p_train)
+    return torch_ops.attention(qkv, mask, n_head, p, training)
 
 
 class _GeluBias(torch.autograd.Function):
@@ -344,7 +330,7 @@ class _GeluBias(torch.autograd.Function):
         _c_args(x, bias)
         y = torch.empty_like(x)
         shape = (x.shape[0], x.shape[1], torch.get_num_threads())
-        cpu_kernels.library().gelu_forward(_ptr(x), _ptr(bias), _ptr(y), *shape)
+        _lib().gelu_forward(_ptr(x), _ptr(bias), _ptr(y), *shape)
         ctx.save_for_backward(x, bias)
         return y
 
@@ -357,7 +343,7 @@ class _GeluBias(torch.autograd.Function):
         threads = torch.get_num_threads()
         if ctx.needs_input_grad[1]:
             grad_bias, partial = bias.new_empty(x.shape[1]), bias.new_empty(threads, x.shape[1])
-        cpu_kernels.library().gelu_backward(
+        _lib().gelu_backward(
             _ptr(x), _ptr(bias), _ptr(grad_y), _ptr(grad), _ptr(grad_bias), _ptr(partial),
             x.shape[0], x.shape[1], threads,
         )  # fmt: skip
@@ -368,11 +354,10 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     """`F.gelu(x @ weight + bias, approximate="tanh")` (GPT-2's c_fc, an HF Conv1D with its
     (in, out) weight, then gelu_new). With the C kernel the GEMM writes no bias and the bias
     gradient is summed in GELU's backward pass."""
+    if not _fits(x) or bias.dtype != torch.float32:
+        return torch_ops.linear_gelu(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
-    if _kernels(x) is None or bias.dtype != torch.float32:
-        y = F.gelu(torch.addmm(bias, x2, weight), approximate="tanh")
-    else:  # x @ weight is bf16 under autocast
-        y = _GeluBias.apply((x2 @ weight).float(), bias)
+    y = _GeluBias.apply((x2 @ weight).float(), bias)  # x @ weight is bf16 under autocast
     return y.view(*x.shape[:-1], weight.shape[1])
 
 
@@ -387,7 +372,7 @@ class _ResidualBiasDropout(torch.autograd.Function):
         bits = _uniform16((rows, cols)) if p > 0.0 else None
         threshold, scale = _keep_threshold(p) if p > 0.0 else (0, 1.0)
         out = torch.empty_like(h)
-        cpu_kernels.library().residual_forward(
+        _lib().residual_forward(
             _ptr(h), _ptr(x), _ptr(bias), _ptr(bits), threshold, scale, _ptr(out),
             rows, cols, torch.get_num_threads(),
         )  # fmt: skip
@@ -401,7 +386,7 @@ class _ResidualBiasDropout(torch.autograd.Function):
         grad_x = grad_out if ctx.bits is None else torch.empty_like(grad_out)
         threads = torch.get_num_threads()
         grad_bias, partial = grad_out.new_empty(cols), grad_out.new_empty(threads, cols)
-        cpu_kernels.library().residual_backward(
+        _lib().residual_backward(
             _ptr(grad_out), _ptr(ctx.bits), ctx.threshold, ctx.scale,
             0 if ctx.bits is None else _ptr(grad_x), _ptr(grad_bias), _ptr(partial),
             rows, cols, threads,
@@ -422,9 +407,20 @@ def residual_linear_dropout(
     the bias, the dropout mask and the bias gradient are one pass each way."""
     x2 = x.reshape(-1, x.shape[-1])
     p = p if training else 0.0
-    if _kernels(x) is None or h.dtype != torch.float32 or bias.dtype != torch.float32 or p >= 1:
+    if not _fits(x) or h.dtype != torch.float32 or bias.dtype != torch.float32 or p >= 1:
         y = torch.addmm(bias, x2, weight).view(h.shape)
         return residual_dropout(h, y, p, p > 0.0)
     pre = (x2 @ weight).float()  # bf16 under autocast
     out = _ResidualBiasDropout.apply(h.reshape(x2.shape[0], -1), pre, bias, p)
     return out.view(h.shape)
+
+
+CPU_OPS = StepOps(
+    name="cpu_kernels",
+    attention=attention,
+    linear_gelu=linear_gelu,
+    residual_linear_dropout=residual_linear_dropout,
+    dropout=dropout,
+    cross_entropy_sum=cross_entropy_sum,
+    tied_head=TiedLMHead,
+)

@@ -1,4 +1,5 @@
-"""Process-wide host memory settings (no torch import: the CLI calls this before anything else)."""
+"""Process-wide host memory settings, applied with `--cpu_kernels on` (`setup_cpu_kernels`) and
+by `revjepa bench` before its kernels-on figures; never on import (no torch import here)."""
 
 from __future__ import annotations
 

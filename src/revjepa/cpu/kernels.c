@@ -1,5 +1,5 @@
-/* Fused CPU kernels for the float32 training step (see cpu_kernels.py, which builds this file
- * with the machine's C compiler and falls back to torch ops when it cannot).
+/* Fused CPU kernels for the float32 training step of `--cpu_kernels on` (see kernels.py, which
+ * builds this file with the machine's C compiler; where it cannot, the run uses torch ops).
  *
  * Why C: at the bench size (T = 13 tokens per row, head dim 64) torch's attention is a chain
  * of small batched GEMMs, transposes, a mask, a softmax and a dropout, each a pass over
