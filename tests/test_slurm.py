@@ -73,8 +73,8 @@ def slurm_env(tmp_path) -> dict[str, str]:
     return env
 
 
-def test_train_script_requeues_on_usr1_and_the_requeued_job_resumes(slurm_env, tmp_path):
-    env = dict(slurm_env, EXTRA_ARGS=f"{TINY} --max_steps 400 --log_interval 2 --save_steps 1000")
+def start_until_metrics(env: dict[str, str], metrics: Path) -> subprocess.Popen:
+    """train_jepa_osc.sh started as a batch job would be, once its trainer has logged a step."""
     proc = subprocess.Popen(
         ["bash", str(REPO / "train_jepa_osc.sh")],
         cwd=REPO,
@@ -83,11 +83,16 @@ def test_train_script_requeues_on_usr1_and_the_requeued_job_resumes(slurm_env, t
         stderr=subprocess.PIPE,
         text=True,
     )
-    metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.1)
+    return proc
+
+
+def test_train_script_requeues_on_usr1_and_the_requeued_job_resumes(slurm_env, tmp_path):
+    env = dict(slurm_env, EXTRA_ARGS=f"{TINY} --max_steps 400 --log_interval 2 --save_steps 1000")
+    proc = start_until_metrics(env, tmp_path / "run" / "metrics.jsonl")
     proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -109,26 +114,14 @@ def test_train_script_requeues_on_usr1_and_the_requeued_job_resumes(slurm_env, t
     )
     assert again.returncode == 0, again.stderr
     assert f"resumed from {ckpts[0]} at step {stopped}" in again.stdout
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == stopped + 4
 
 
 def test_train_script_does_not_requeue_on_term(slurm_env, tmp_path):
     """TERM is a cancel (or SLURM's own preemption, which requeues by itself): checkpoint, end."""
     env = dict(slurm_env, EXTRA_ARGS=f"{TINY} --max_steps 100000 --log_interval 2")
-    proc = subprocess.Popen(
-        ["bash", str(REPO / "train_jepa_osc.sh")],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
+    proc = start_until_metrics(env, tmp_path / "run" / "metrics.jsonl")
     proc.send_signal(signal.SIGUSR1)  # the pre-timeout warning first...
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # ...then a cancel: the cancel wins
