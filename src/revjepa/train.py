@@ -187,16 +187,30 @@ def train(
     d = init_distributed("cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu")
     preempt = Preemption()
     try:
-        run = setup_run(config, state, resume_path, d, resume_from)
-        if run is None:
-            return Path(tc.output_dir)
-        return Trainer(run, preempt).fit()
+        return _setup_and_fit(config, state, resume_path, d, resume_from, preempt)
     finally:
         preempt.restore()
         for handler in list(log.handlers):
             handler.close()
             log.removeHandler(handler)
         d.close()
+
+
+def _setup_and_fit(
+    config: RunConfig,
+    state: dict[str, Any] | None,
+    resume_path: Path | None,
+    d: Dist,
+    resume_from: str | None,
+    preempt: Preemption,
+) -> Path:
+    """The run lives in this frame only: its DDP wrapper, lock and tensors are gone when it
+    returns, before the caller destroys the process group (a DDP module that outlived its
+    process group made a 2-process run hang at exit, about one run in six)."""
+    run = setup_run(config, state, resume_path, d, resume_from)
+    if run is None:
+        return Path(config.train.output_dir)
+    return Trainer(run, preempt).fit()
 
 
 def setup_run(
