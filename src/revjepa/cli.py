@@ -233,6 +233,12 @@ def cmd_sweep(argv: list[str]) -> int:
         "--executor", default="local", choices=("local", "slurm"), help="local (default) or slurm"
     )
     p.add_argument("--parallel", type=int, default=1, help="local: runs at once (1)")
+    p.add_argument(
+        "--threads_per_run",
+        type=int,
+        default=None,
+        help="local: CPU threads of each run (default: the CPUs divided by --parallel)",
+    )
     p.add_argument("--status", action="store_true", help="print each run's state and exit")
     p.add_argument("--dry_run", action="store_true", help="slurm: write and print the script only")
     p.add_argument("--max_concurrent", type=int, default=None, help="slurm: tasks at once (%%K)")
@@ -248,11 +254,13 @@ def cmd_sweep(argv: list[str]) -> int:
         raise UserError("revjepa sweep: a spec file is required (or --status)")
     if a.parallel < 1:
         raise UserError(f"--parallel must be >= 1, got {a.parallel}")
+    if a.threads_per_run is not None and a.threads_per_run < 1:
+        raise UserError(f"--threads_per_run must be >= 1, got {a.threads_per_run}")
     if a.max_concurrent is not None and a.max_concurrent < 1:
         raise UserError(f"--max_concurrent must be >= 1, got {a.max_concurrent}")
     plan = sweep.prepare(Path(a.spec), out)
     if a.executor == "local":
-        return sweep.run_local(out, a.parallel)
+        return sweep.run_local(out, a.parallel, a.threads_per_run)
     given = {k: v for k, v in vars(a).items() if k in slurm_array.OPTION_KEYS and v is not None}
     script = out / "sweep.sbatch"
     script.write_text(slurm_array.sbatch_script(plan, out, {**plan["slurm"], **given}))

@@ -556,6 +556,13 @@ def _switch_argv(key: str, value: Any, where: str) -> list[str]:
     return [flag] if value else [off if flag == on else on]
 
 
+def flag_field(key: str) -> str | None:
+    """The configuration field a flag name (underscores, no dashes) sets, if any."""
+    if key in _SWITCHES:
+        return _SWITCHES[key][0]
+    return _VALUE_FLAGS.get(key)
+
+
 def flags_to_argv(values: dict[str, Any], where: str) -> list[str]:
     """Command-line tokens for a mapping of `revjepa train` flag names (underscores, no dashes)
     to values: how config files and sweep specs become flags, so the one argument parser

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    FAMILY_ONLY_FIELDS,
     RunConfig,
     add_config_arguments,
     apply_overrides,
     expand_preset,
+    flag_field,
     flags_to_argv,
     foreign_fields,
     given_overrides,
@@ -29,6 +31,7 @@ from .config import (
 from .data import GenConfig
 from .errors import UserError
 
+_ALL_FAMILY_ONLY = {name for names in FAMILY_ONLY_FIELDS.values() for name in names}
 TOP_KEYS = ("name", "data", "base", "variants", "grid", "seeds", "slurm")
 # Set by the sweep for every run: a spec may not give them.
 SWEEP_OWNED = ("data_dir", "output_dir", "seed")
@@ -217,6 +220,17 @@ def resolve_run_flags(argv: list[str], where: str) -> RunConfig:
     return config
 
 
+def _for_family(flags: dict[str, Any], own: set[str], where: str) -> dict[str, Any]:
+    """The run's flags without the base flags that its model family does not read (a shared
+    base may hold gpt2_jepa's n_layer beside a concept_jepa variant); a variant's or grid's own
+    flag that its family does not read is an error (resolve_run_flags)."""
+    config = resolve_run_flags(flags_to_argv({k: v for k, v in flags.items() if k in own or
+                                              flag_field(k) not in _ALL_FAMILY_ONLY}, where), where)  # fmt: skip
+    family = config.model.family
+    foreign = set(_ALL_FAMILY_ONLY) - set(FAMILY_ONLY_FIELDS[family])
+    return {k: v for k, v in flags.items() if k in own or flag_field(k) not in foreign}
+
+
 def run_name(variant: str | None, point: dict[str, Any], seed: int) -> str:
     parts = [variant] if variant else []
     parts += [f"{ABBREVIATIONS.get(k, k)}{format_value(v)}" for k, v in point.items()]
@@ -245,7 +259,7 @@ def expand(spec: dict[str, Any]) -> Plan:
         key = data_key(flags)
         data[key] = flags
         for point in points:
-            merged = {**base, **vflags, **point}
+            merged = _for_family({**base, **vflags, **point}, set(vflags) | set(point), where)
             argv = flags_to_argv(merged, where)
             config = resolve_run_flags(argv, where if not point else f"{where} x grid {point}")
             for seed in seeds:

@@ -256,7 +256,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_local(out: Path, parallel: int) -> int:
+def run_local(out: Path, parallel: int, threads: int | None = None) -> int:
     """Run every unfinished task, `parallel` at once, CPU threads divided among them."""
     import subprocess
 
@@ -264,7 +264,7 @@ def run_local(out: Path, parallel: int) -> int:
     runs = plan["runs"]
     todo = [i for i, r in enumerate(runs) if not state_path(out, r["name"], "done.json").exists()]
     total, done = len(runs), len(runs) - len(todo)
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    threads = threads or max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     print(f"sweep {plan['name']}: {total} runs, {done} done, {len(todo)} to run, "
           f"{parallel} at once x {threads} thread(s)", flush=True)  # fmt: skip
