@@ -263,6 +263,7 @@ def cmd_sweep(argv: list[str]) -> int:
         return sweep.run_local(out, a.parallel, a.threads_per_run)
     given = {k: v for k, v in vars(a).items() if k in slurm_array.OPTION_KEYS and v is not None}
     script = out / "sweep.sbatch"
+    (out / "logs").mkdir(exist_ok=True)  # SLURM opens the task logs there before the script runs
     script.write_text(slurm_array.sbatch_script(plan, out, {**plan["slurm"], **given}))
     script.chmod(0o755)
     if a.dry_run:
