@@ -59,7 +59,10 @@ def find_runs(dirs: list[Path]) -> list[Path]:
             found.append(d)
             continue
         inner = d / "runs" if (d / "runs").is_dir() else d
-        runs = sorted(p for p in inner.iterdir() if (p / "training_args.json").is_file())
+        runs = sorted(
+            (p for p in inner.iterdir() if (p / "training_args.json").is_file()),
+            key=lambda p: (_plan_order(d).get(p.name, 1 << 30), p.name),
+        )
         for sub in sorted(p for p in d.iterdir() if (p / "runs").is_dir() and p != d):
             runs += sorted(
                 p for p in (sub / "runs").iterdir() if (p / "training_args.json").is_file()
@@ -68,6 +71,14 @@ def find_runs(dirs: list[Path]) -> list[Path]:
             raise UserError(f"{d}: no run directories (training_args.json) found")
         found += runs
     return found
+
+
+def _plan_order(sweep_dir: Path) -> dict[str, int]:
+    """Run name -> its index in the sweep's plan (the spec's order of variants and grid)."""
+    plan_file = sweep_dir / "sweep.json"
+    if not plan_file.is_file():
+        return {}
+    return {r["name"]: i for i, r in enumerate(json.loads(plan_file.read_text()).get("runs", []))}
 
 
 def _metrics_records(path: Path) -> list[dict[str, Any]]:
