@@ -201,14 +201,19 @@ def _seeds(spec: dict[str, Any]) -> list[int]:
     return seeds
 
 
-def resolve_run_flags(argv: list[str], where: str) -> RunConfig:
-    """A run's configuration from its flags, validated as `revjepa train` would."""
+def parse_run_flags(argv: list[str]) -> tuple[RunConfig, dict[str, dict[str, Any]]]:
+    """A run's configuration and explicit overrides from its flags, as `revjepa train` reads
+    them (unvalidated: `train` validates on its one resolution)."""
     parser = new_parser("revjepa train", "")
     add_config_arguments(parser)
+    overrides = expand_preset(given_overrides(parser.parse_args(argv)))
+    return apply_overrides(RunConfig(), overrides), overrides
+
+
+def resolve_run_flags(argv: list[str], where: str) -> RunConfig:
+    """A run's configuration from its flags, validated as `revjepa train` would."""
     try:
-        args = parser.parse_args(argv)
-        overrides = expand_preset(given_overrides(args))
-        config = apply_overrides(RunConfig(), overrides)
+        config, overrides = parse_run_flags(argv)
         config.validate()
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None

@@ -172,13 +172,14 @@ def _stop_evaluation(signum, frame) -> None:  # noqa: ARG001
 
 def _train(run: dict[str, Any]) -> bool:
     """Train to the end (resuming the newest checkpoint); False if a signal stopped it."""
-    from .cli import cmd_train
+    from .spec import parse_run_flags
+    from .train import train
 
     argv = [
         *run["argv"], "--data_dir", run["data_dir"], "--output_dir", run["run_dir"],
-        "--seed", str(run["seed"]), "--resume_from", "latest",
+        "--seed", str(run["seed"]),
     ]  # fmt: skip
-    cmd_train(argv)
+    train(*parse_run_flags(argv), resume_from="latest")
     state = json.loads((Path(run["run_dir"]) / RUN_STATE).read_text())
     return state.get("state") == "finished"
 
