@@ -43,18 +43,14 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         fh.flush()
 
 
-def truncate_jsonl(path: Path, last_step: int) -> int:
-    """Drop records past `last_step` and any half-written line (exact metrics after resume).
-    Returns the highest step the file held before (0 if none): what a crashed session may
-    already have sent to the experiment trackers."""
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records past `last_step` and any half-written line (exact metrics after resume)."""
     if not path.exists():
-        return 0
-    records = read_jsonl(path)
-    kept = [r for r in records if r.get("step", 0) <= last_step]
+        return
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
-    return max((int(r.get("step", 0)) for r in records), default=0)
 
 
 def write_run_state(

@@ -10,9 +10,7 @@ Tags: a training key `k` is `train/k`, an evaluation key `eval_<split>_<metric>`
   resumed run's values are the only ones.
 - W&B (optional extra `revjepa[wandb]`, imported only when asked for): offline unless the
   environment sets `WANDB_MODE`; the run id is kept in the checkpoints and a resumed run
-  continues the same run (`resume="allow"`). W&B cannot take a step back, so a resumed session
-  skips the steps the crashed one had already logged (the highest step of `metrics.jsonl`
-  before it was cut back): every step appears once.
+  continues the same run (`resume="allow"`), each step sent once (`WandbBackend`).
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from typing import Any, Protocol
 
 from .config import RESUMABLE_OVERRIDES, RunConfig, report_backends
 from .errors import UserError
+from .runlog import read_jsonl
 
 # backend -> (module imported, pip package, extra of revjepa)
 REQUIREMENTS = {
@@ -115,19 +114,72 @@ def wandb_settings(config: RunConfig) -> dict[str, Any]:
     }
 
 
+def wandb_root(output_dir: Path) -> Path:
+    """Where W&B writes the run's session directories (`wandb/` under WANDB_DIR if set)."""
+    return Path(os.environ.get("WANDB_DIR") or output_dir) / "wandb"
+
+
+def wandb_steps_on_disk(root: Path, run_id: str) -> int:
+    """The highest history step of run `run_id` in the local session directories (offline or
+    online, `*-<id>/run-<id>.wandb`: W&B's transaction log, LevelDB log format: 32 KiB blocks
+    of chunks with a 7-byte header, after a 7-byte file header, each record a protobuf). 0 if
+    there is none. A killed session's file holds what W&B had flushed when it died."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    best = 0
+    for path in root.glob(f"*-{run_id}/run-{run_id}.wandb"):
+        for chunk in _leveldb_records(path.read_bytes()):
+            record = pb.Record()
+            try:
+                record.ParseFromString(chunk)
+            except Exception:  # a torn last record of a killed writer  # noqa: BLE001
+                continue
+            if record.WhichOneof("record_type") == "history":
+                best = max(best, int(record.history.step.num))
+    return best
+
+
+def _leveldb_records(data: bytes, block: int = 32768) -> list[bytes]:
+    if data[:4] != b":W&B":
+        return []
+    pos, out, partial = 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too short for a header: padding to the next block
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if kind == 0 or pos + 7 + length > len(data):
+            break  # zero padding or a torn chunk: the end of what was written
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:  # a full record
+            out.append(chunk)
+        elif kind == 2:  # first / middle / last pieces of one record
+            partial = chunk
+        elif kind == 3:
+            partial += chunk
+        elif kind == 4:
+            out.append(partial + chunk)
+    return out
+
+
 class WandbBackend:
-    def __init__(
-        self, config: RunConfig, output_dir: Path, run_id: str | None, logged_through: int
-    ) -> None:
+    """One W&B run over all sessions of a training run. W&B cannot take a step back, so each
+    step is sent once: a resumed session first finds the highest step its earlier sessions
+    wrote to disk (`wandb_steps_on_disk`: a session killed mid-run keeps only what W&B had
+    flushed), re-sends the metrics.jsonl records past it up to the resumed step, and skips
+    the steps the killed session had already written."""
+
+    def __init__(self, config: RunConfig, output_dir: Path, run_id: str | None) -> None:
         import wandb
 
-        # a new W&B run (no id in the checkpoint) holds no step yet
-        self.logged_through = logged_through if run_id else 0
+        root = wandb_root(output_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        self.logged_through = wandb_steps_on_disk(root, run_id) if run_id else 0
         kwargs: dict[str, Any] = dict(
             wandb_settings(config),
             id=run_id or new_run_id(),
             resume="allow",
-            dir=str(output_dir) if "WANDB_DIR" not in os.environ else None,
+            dir=str(root.parent),
             config=config.to_dict(),
             # our own training.log is the console record; W&B wrapping stdout would also
             # fight the progress bar
@@ -138,9 +190,16 @@ class WandbBackend:
         self.run = wandb.init(**kwargs)
         self.run_id: str = self.run.id
 
+    def replay(self, records: list[dict[str, Any]], through: int) -> None:
+        """Send the records of steps up to `through` that the run does not hold yet."""
+        for record in records:
+            if record.get("step", 0) <= through:
+                self.log(int(record["step"]), tag_scalars(record))
+
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if step > self.logged_through:
             self.run.log(scalars, step=step)
+            self.logged_through = step
 
     def close(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
@@ -167,14 +226,11 @@ class Tracker:
 
 
 def open_tracker(
-    config: RunConfig,
-    output_dir: Path,
-    start_step: int,
-    state: dict[str, Any] | None,
-    logged_through: int,
+    config: RunConfig, output_dir: Path, start_step: int, state: dict[str, Any] | None
 ) -> Tracker:
     """The backends of `--report_to` for the main process of a run starting at `start_step`
-    (`state`: the checkpoint resumed from, for the W&B run id)."""
+    (`state`: the checkpoint resumed from, for the W&B run id), after metrics.jsonl was cut
+    back to `start_step`."""
     run_id = (state or {}).get("wandb_run_id")
     backends: list[Backend] = []
     try:
@@ -182,7 +238,8 @@ def open_tracker(
             if name == "tensorboard":
                 backends.append(TensorBoardBackend(output_dir / "tensorboard", start_step))
             else:
-                wb = WandbBackend(config, output_dir, run_id, logged_through)
+                wb = WandbBackend(config, output_dir, run_id)
+                wb.replay(read_jsonl(output_dir / "metrics.jsonl"), start_step)
                 run_id = wb.run_id
                 backends.append(wb)
     except BaseException:

@@ -169,7 +169,6 @@ class Run:
     lock: RunLock | None = None  # held for the life of the run (main process)
     peak_flops: float = math.inf  # per device, for the MFU of the log records
     peak_source: str = ""
-    logged_through: int = 0  # the highest step metrics.jsonl held before it was cut back
 
     @property
     def metrics_path(self) -> Path:
@@ -363,7 +362,7 @@ def _announce(run: Run, resume_path: Path | None, use_compile: bool, cuda_graphs
     if not d.main:
         return
     (run.output_dir / "training_args.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    run.logged_through = truncate_jsonl(run.metrics_path, run.start_step)
+    truncate_jsonl(run.metrics_path, run.start_step)
     cpu_note = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
     log.info(
         f"device {device}{cpu_note} | precision {precision} | world size {d.world} | "
@@ -450,9 +449,7 @@ class Trainer:
         run = self.run
         with failure_recorded(run.output_dir if run.dist.main else None, self._step, run.max_steps):
             if run.dist.main:
-                self.tracker = open_tracker(
-                    run.config, run.output_dir, run.start_step, run.state, run.logged_through
-                )
+                self.tracker = open_tracker(run.config, run.output_dir, run.start_step, run.state)
             try:
                 self._loop()
             except BaseException:
@@ -475,7 +472,7 @@ class Trainer:
                 record.update(self.evaluate())
             if record and run.dist.main:
                 append_jsonl(run.metrics_path, record)
-                self.tracker.log(record)  # after the file: it bounds what the trackers hold
+                self.tracker.log(record)
                 _log_record(record, self.progress, tc.valid_split)
             stop = self.should_stop()
             if stop or run.checkpointer.due(self.step):
