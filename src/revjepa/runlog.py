@@ -79,10 +79,11 @@ def error_line(exc: BaseException) -> str:
 
 @contextmanager
 def failure_recorded(
-    output_dir: Path | None, step: Callable[[], int], max_steps: int
+    output_dir: Path | None, step: Callable[[], int], max_steps: int, lock: RunLock | None
 ) -> Iterator[None]:
-    """Write `run_state.json` = failed (step, error line) when the body raises, then re-raise.
-    `output_dir` None (not the main process, or the directory is not ours yet) records nothing."""
+    """Write `run_state.json` = failed (step, error line) when the body raises, release the
+    run's lock (the traceback may keep the run alive in this process), then re-raise.
+    `output_dir` None (not the main process) records nothing."""
     try:
         yield
     except (Exception, KeyboardInterrupt) as exc:
@@ -91,6 +92,8 @@ def failure_recorded(
                 write_run_state(output_dir, "failed", step(), max_steps, None, error_line(exc))
             except OSError:
                 pass  # the original error matters more than its record
+        if lock is not None:
+            lock.release()
         raise
 
 
@@ -135,3 +138,7 @@ class RunLock:
         self.fh.truncate()
         self.fh.write(f"{os.getpid()}\n")
         self.fh.flush()
+
+    def release(self) -> None:
+        """Give the directory up (the file stays: removing it could race a new trainer)."""
+        self.fh.close()

@@ -260,7 +260,7 @@ def setup_run(
         checkpointer.prepare()
         lock = RunLock(output_dir)
         write_run_state(output_dir, "running", start_step, max_steps, None)
-    with failure_recorded(output_dir if d.main else None, lambda: start_step, max_steps):
+    with failure_recorded(output_dir if d.main else None, lambda: start_step, max_steps, lock):
         return _build_run(config, state, resume_path, d, dataset, model, checkpointer, lock)
 
 
@@ -447,7 +447,8 @@ class Trainer:
         """Train to --max_steps or a stop signal; an exception is recorded in run_state.json
         (failed, with its line) and re-raised."""
         run = self.run
-        with failure_recorded(run.output_dir if run.dist.main else None, self._step, run.max_steps):
+        main_dir = run.output_dir if run.dist.main else None
+        with failure_recorded(main_dir, self._step, run.max_steps, run.lock):
             if run.dist.main:
                 self.tracker = open_tracker(run.config, run.output_dir, run.start_step, run.state)
             try:
