@@ -331,3 +331,17 @@ def test_bad_report_to_is_one_line_exit_2(data_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--report_to 'tensorbord'" in err[0]
     assert not out.exists()
+
+
+def test_seedless_group_joins_seeds_and_separates_configurations():
+    from revjepa.config import RunConfig, apply_overrides
+    from revjepa.tracking import seedless_group
+
+    def group(**train) -> str:
+        return seedless_group(apply_overrides(RunConfig(), {"train": train}))
+
+    base = group(seed=1, output_dir="runs/a", data_dir="/x/data/d1")
+    assert group(seed=2, output_dir="runs/b", data_dir="/y/d1", log_interval=7) == base
+    assert group(seed=1, output_dir="runs/a", data_dir="/x/data/d2") != base
+    assert group(seed=1, output_dir="runs/a", data_dir="/x/data/d1", learning_rate=3e-4) != base
+    assert base.startswith("gpt2_jepa-cosine-d768-")

@@ -72,9 +72,10 @@ def write_run_state(
 def error_line(exc: BaseException) -> str:
     """The one line a failed run's `run_state.json` keeps: a UserError's message as the CLI
     prints it, `Type: first line` for anything else."""
+    first = (str(exc).strip().splitlines() or [""])[0]
     if isinstance(exc, UserError):
-        return (str(exc).strip().splitlines() or [""])[0][:500]
-    return one_line(exc, 500)
+        return first[:500]
+    return one_line(exc, 500) if first else type(exc).__name__
 
 
 @contextmanager

@@ -64,10 +64,13 @@ def tag_scalars(record: dict[str, Any]) -> dict[str, float]:
 
 def seedless_group(config: RunConfig) -> str:
     """A W&B group for the seeds of one configuration: the configuration without the seed and
-    without the fields that do not change the run (paths, intervals, trackers), hashed."""
+    without the fields that do not change the run (paths, intervals, trackers; the dataset by
+    its directory's name), hashed."""
     data = config.to_dict()
+    dataset = Path(config.train.data_dir).name  # the dataset, wherever it is mounted
     for name in (*RESUMABLE_OVERRIDES, "seed", "preset"):
         data["train"].pop(name, None)
+    data["train"]["dataset"] = dataset
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
     m, o = config.model, config.objective
     jepa = o.distance_metric if o.jepa_active else "ntp"
