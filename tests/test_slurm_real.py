@@ -368,3 +368,134 @@ def test_usr1_reaches_every_srun_task_and_the_job_resumes(cluster):
     assert f"requeueing job {job}" in log and log.count("world size 2") == 2
     assert run_state(run)["state"] == "finished"
     assert steps_of(run) == list(range(10, 801, 10))
+
+
+def test_sweep_job_array_runs_every_task_and_report_reads_it(cluster, tmp_path):
+    """`revjepa sweep --executor slurm`: one array task per run under the real SLURM, at most
+    two at once; every run ends trained and evaluated, and `revjepa report` reads the sweep."""
+    import yaml
+
+    spec = {
+        "name": "arr",
+        "data": {"num_ga_entities": 200, "gb_ratio": 0.5, "num_rel_pairs": 2, "test_size": 20},
+        "base": {
+            "n_layer": 1,
+            "n_embd": 32,
+            "n_head": 2,
+            "batch_size": 16,
+            "dropout": 0,
+            "max_steps": 20,
+            "save_steps": 10,
+            "save_step_dense": 0,
+            "save_step_dense_interval": 10,
+            "eval_steps": 10,
+            "log_interval": 10,
+            "device": "cpu",
+        },  # fmt: skip
+        "variants": {"ntp": {"no_jepa": True}, "jepa": {}},
+        "seeds": [0, 1],
+        "slurm": {
+            "partition": "cpu",
+            "cpus_per_task": 1,
+            "mem": "1G",
+            "setup": ["export OMP_NUM_THREADS=1"],
+        },  # fmt: skip
+    }
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "revjepa", "sweep", str(spec_file), "--out", str(out),
+         "--executor", "slurm", "--max_concurrent", "2"],
+        env=cluster["env"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split("submitted job array ")[1].split(":")[0]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env=cluster["env"],
+                                capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+        if not queued.strip():
+            break
+        time.sleep(0.5)
+    assert not queued.strip(), f"array {job} still queued: {queued}"
+    status = subprocess.run(
+        [sys.executable, "-m", "revjepa", "sweep", "--status", "--out", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    logs = "\n".join(p.read_text() for p in (out / "logs").glob("slurm-*.out"))
+    assert status.returncode == 0, status.stdout + logs
+    assert "4 runs: 4 done" in status.stdout
+    assert len(list((out / "logs").glob(f"slurm-{job}_*.out"))) == 4
+    report = subprocess.run(
+        [sys.executable, "-m", "revjepa", "report", str(out), "--format", "json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    rows = {r["group"]: r for r in json.loads(report.stdout)}
+    assert set(rows) == {"ntp", "jepa"} and all(r["n"] == 2 for r in rows.values())
+    records = [
+        json.loads(x) for x in (out / "runs/ntp-seed0/eval_all.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [10, 20]
+
+
+def test_sweep_task_on_usr1_checkpoints_requeues_and_finishes(cluster, tmp_path):
+    """The sweep array's preemption handling, as train_jepa_osc.sh's: USR1 to a task makes
+    its run checkpoint, the task is requeued, resumes and ends done; each step logged once."""
+    import yaml
+
+    spec = {
+        "name": "pre",
+        "data": {"num_ga_entities": 200, "gb_ratio": 0.5, "num_rel_pairs": 2, "test_size": 20},
+        "base": {
+            "n_layer": 1,
+            "n_embd": 32,
+            "n_head": 2,
+            "batch_size": 16,
+            "dropout": 0,
+            "max_steps": 1500,
+            "save_steps": 100000,
+            "save_step_dense": 0,
+            "save_step_dense_interval": 100000,
+            "eval_steps": 1500,
+            "log_interval": 10,
+            "device": "cpu",
+            "no_jepa": True,
+        },  # fmt: skip
+        "seeds": [0],
+        "slurm": {
+            "partition": "cpu",
+            "cpus_per_task": 1,
+            "mem": "1G",
+            "setup": ["export OMP_NUM_THREADS=1"],
+        },  # fmt: skip
+    }
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "revjepa", "sweep", str(spec_file), "--out", str(out),
+         "--executor", "slurm"],
+        env=cluster["env"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    array = proc.stdout.split("submitted job array ")[1].split(":")[0]
+    run = out / "runs" / "seed0"
+    wait_for_metrics(run, array, cluster)
+    task = f"{array}_0"
+    subprocess.run(
+        ["scancel", "--signal=USR1", "--batch", task], env=cluster["env"], check=True, timeout=30
+    )
+    deadline = time.time() + 120
+    while run_state(run)["state"] == "running":
+        assert time.time() < deadline, "the run never stopped on USR1"
+        time.sleep(0.1)
+    stopped = run_state(run)
+    assert stopped["state"] == "stopped" and 0 < stopped["step"] < 1500
+    info = wait_for(cluster, task)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0")
+    log = "\n".join(p.read_text() for p in (out / "logs").glob("slurm-*.out"))
+    assert "requeueing task 0" in log and "seed0: done" in log
+    assert (out / "state" / "seed0.done.json").is_file()
+    assert steps_of(run) == list(range(10, 1501, 10))

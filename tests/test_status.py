@@ -193,6 +193,13 @@ def test_sweep_directory_and_the_command_line(finished, tmp_path, capsys):
     assert [(Path(r["run_dir"]).name, r["state"]) for r in rows] == [
         ("a_done", "finished"), ("planned", "not started"),
     ]  # fmt: skip
+    # with a plan, its runs in plan order, those without a directory yet included
+    plan = {"runs": [{"name": "z_later"}, {"name": "a_done"}, {"name": "planned"}]}
+    (sweep / "sweep.json").write_text(json.dumps(plan))
+    assert [(Path(r["run_dir"]).name, r["state"]) for r in collect_status([sweep])] == [
+        ("z_later", "not started"), ("a_done", "finished"), ("planned", "not started"),
+    ]  # fmt: skip
+    (sweep / "sweep.json").write_text("{}\n")
     assert main(["status", str(sweep)]) == 0
     table = capsys.readouterr().out
     assert table == format_status(rows) + "\n"

@@ -1,4 +1,5 @@
-"""`revjepa` command line: gen-data, train, evaluate, plot, export, bench, status.
+"""`revjepa` command line: gen-data, train, evaluate, plot, export, bench, status, sweep,
+report.
 
 Bad input anywhere ends with one line on stderr and exit code 2 (UserError), never a traceback.
 """
@@ -15,6 +16,7 @@ from .config import (
     RunConfig,
     add_config_arguments,
     apply_overrides,
+    config_file_argv,
     expand_preset,
     given_overrides,
     new_parser,
@@ -93,15 +95,31 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
         help="checkpoint path, or 'latest' (newest valid checkpoint in --output_dir; "
         "a fresh start if there is none)",
     )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML or JSON file of flag names and values (or a run's training_args.json); "
+        "flags on the command line override it",
+    )
+    p.add_argument(
+        "--print_config", action="store_true", help="print the resolved configuration and exit"
+    )
     return p
 
 
 def cmd_train(argv: list[str], prog: str = "revjepa train") -> int:
-    from .train import train
+    from .train import print_resolved_config, train
 
-    a = _train_parser(prog).parse_args(argv)
+    parser = _train_parser(prog)
+    a = parser.parse_args(argv)
+    if a.config is not None:  # the file's flags first, so the command line's win
+        a = parser.parse_args(config_file_argv(a.config) + argv)
     overrides = expand_preset(given_overrides(a))  # --preset NAME: its values under the flags
-    train(apply_overrides(RunConfig(), overrides), overrides, a.resume_from)  # validates
+    config = apply_overrides(RunConfig(), overrides)
+    if a.print_config:
+        print_resolved_config(config, overrides, a.resume_from)
+        return 0
+    train(config, overrides, a.resume_from)  # validates
     return 0
 
 
@@ -226,6 +244,103 @@ def cmd_status(argv: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(argv: list[str]) -> int:
+    from . import slurm_array, sweep
+
+    p = new_parser("revjepa sweep", "Run a spec's variants x grid x seeds; resumable.")
+    p.add_argument("spec", nargs="?", help="sweep spec, YAML or JSON (not needed with --status)")
+    p.add_argument("--out", required=True, help="sweep directory (plan, data, runs, logs)")
+    p.add_argument(
+        "--executor", default="local", choices=("local", "slurm"), help="local (default) or slurm"
+    )
+    p.add_argument("--parallel", type=int, default=1, help="local: runs at once (1)")
+    p.add_argument(
+        "--threads_per_run",
+        type=int,
+        default=None,
+        help="local: CPU threads of each run (default: the CPUs divided by --parallel)",
+    )
+    p.add_argument("--status", action="store_true", help="print each run's state and exit")
+    p.add_argument("--dry_run", action="store_true", help="slurm: write and print the script only")
+    p.add_argument("--max_concurrent", type=int, default=None, help="slurm: tasks at once (%%K)")
+    for key in ("partition", "time", "gres", "cpus_per_task", "mem", "account"):
+        p.add_argument(f"--{key}", default=None, help=f"slurm: #SBATCH --{key.replace('_', '-')}")
+    a = p.parse_args(argv)
+    out = Path(a.out).resolve()
+    if a.status:
+        table, all_done = sweep.format_status(out)
+        print(table)
+        return 0 if all_done else 1
+    if a.spec is None:
+        raise UserError("revjepa sweep: a spec file is required (or --status)")
+    if a.parallel < 1:
+        raise UserError(f"--parallel must be >= 1, got {a.parallel}")
+    if a.threads_per_run is not None and a.threads_per_run < 1:
+        raise UserError(f"--threads_per_run must be >= 1, got {a.threads_per_run}")
+    if a.max_concurrent is not None and a.max_concurrent < 1:
+        raise UserError(f"--max_concurrent must be >= 1, got {a.max_concurrent}")
+    plan = sweep.prepare(Path(a.spec), out)
+    if a.executor == "local":
+        return sweep.run_local(out, a.parallel, a.threads_per_run)
+    given = {k: v for k, v in vars(a).items() if k in slurm_array.OPTION_KEYS and v is not None}
+    script = out / "sweep.sbatch"
+    (out / "logs").mkdir(exist_ok=True)  # SLURM opens the task logs there before the script runs
+    script.write_text(slurm_array.sbatch_script(plan, out, {**plan["slurm"], **given}))
+    script.chmod(0o755)
+    if a.dry_run:
+        print(script.read_text(), end="")
+        print(f"wrote {script} (not submitted: --dry_run)")
+        return 0
+    job = slurm_array.submit(script)
+    print(
+        f"submitted job array {job}: {len(plan['runs'])} tasks; revjepa sweep --status --out {out}"
+    )
+    return 0
+
+
+def cmd_sweep_run(argv: list[str]) -> int:
+    from .sweep import run_task
+
+    p = new_parser("revjepa sweep-run", "Run one task of a sweep (what each job-array task runs).")
+    p.add_argument("out", help="sweep directory")
+    p.add_argument("index", type=int, help="run index in sweep.json")
+    a = p.parse_args(argv)
+    return run_task(Path(a.out), a.index)
+
+
+def cmd_report(argv: list[str]) -> int:
+    from .report import REPORT_FORMATS, report
+
+    p = new_parser("revjepa report", "Mean +- std over seeds of runs grouped by configuration.")
+    p.add_argument("dirs", nargs="+", help="run directories, sweep directories, or their parents")
+    p.add_argument("--metric", default=None, help="metric name (default: each family's headline)")
+    p.add_argument(
+        "--select_split",
+        default=None,
+        help="split that picks the best checkpoint (default: the runs' --valid_split)",
+    )
+    p.add_argument(
+        "--format",
+        default="markdown",
+        choices=REPORT_FORMATS,
+        help="markdown (default), csv or json",
+    )
+    p.add_argument("--out", default=None, help="write the report to this file instead of stdout")
+    p.add_argument(
+        "--plot", default=None, help="PNG: mean curve and +-std band per group, a panel per split"
+    )
+    a = p.parse_args(argv)
+    text = report([Path(d) for d in a.dirs], a.metric, a.select_split, a.format, a.plot)
+    if a.out:
+        Path(a.out).write_text(text)
+        print(f"wrote {a.out}")
+    else:
+        print(text, end="")
+    if a.plot:
+        print(f"wrote {a.plot}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "gen-data": cmd_gen_data,
     "train": cmd_train,
@@ -234,6 +349,9 @@ COMMANDS = {
     "export": cmd_export,
     "bench": cmd_bench,
     "status": cmd_status,
+    "sweep": cmd_sweep,
+    "sweep-run": cmd_sweep_run,
+    "report": cmd_report,
 }
 
 

@@ -406,6 +406,31 @@ def report_backends(value: str) -> tuple[str, ...]:
 
 _SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig}
 
+# Fields that only one model family reads: giving one to the other family is a mistake that
+# `revjepa sweep` refuses (a single `revjepa train` keeps ignoring it, as it always has).
+FAMILY_ONLY_FIELDS = {
+    "gpt2_jepa": (
+        "n_layer", "n_positions", "tie_embeddings", "gamma_ntp", "k_pred_tok",
+        "distance_metric", "infonce_temperature",
+    ),
+    "concept_jepa": (
+        "num_rec_layers", "num_sem_layers", "concept_norm", "memory_layer", "memory_top_k",
+        "memory_value_only", "memory_spare_rows", "concept_temperature", "concept_candidates",
+    ),
+}  # fmt: skip
+
+
+def foreign_fields(overrides: dict[str, dict[str, Any]], family: str) -> list[str]:
+    """The given fields that belong to another model family than `family`."""
+    given = {name for values in overrides.values() for name in values}
+    return sorted(
+        name
+        for other, names in FAMILY_ONLY_FIELDS.items()
+        if other != family
+        for name in names
+        if name in given
+    )
+
 
 def _positive(name: str, value: int | float) -> None:
     if value <= 0:
@@ -556,3 +581,98 @@ def resolve_config(
     resolved = RunConfig.from_dict(merged)
     resolved.validate()
     return resolved
+
+
+# ----------------------------------------------------------------------------- config files
+
+_VALUE_FLAGS = {
+    f_.metadata.get("flag", f_.name): f_.name
+    for cls in _SECTIONS.values()
+    for f_ in fields(cls)
+    if f_.name not in _BOOL_FLAGS
+}
+_SWITCHES = {
+    flag.lstrip("-"): (field_name, flag)
+    for field_name, pair in _BOOL_FLAGS.items()
+    for flag in pair
+}
+_SWITCHES.update({"fp16": ("fp16", "--fp16"), "bf16": ("bf16", "--bf16")})
+
+
+def _switch_argv(key: str, value: Any, where: str) -> list[str]:
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: {key} is a switch and takes true or false, got {value!r}")
+    field_name, flag = _SWITCHES[key]
+    if field_name in ("fp16", "bf16"):
+        return [flag] if value else []
+    on, off = _BOOL_FLAGS[field_name]
+    return [flag] if value else [off if flag == on else on]
+
+
+def flag_field(key: str) -> str | None:
+    """The configuration field a flag name (underscores, no dashes) sets, if any."""
+    if key in _SWITCHES:
+        return _SWITCHES[key][0]
+    return _VALUE_FLAGS.get(key)
+
+
+def flags_to_argv(values: dict[str, Any], where: str) -> list[str]:
+    """Command-line tokens for a mapping of `revjepa train` flag names (underscores, no dashes)
+    to values: how config files and sweep specs become flags, so the one argument parser
+    checks names, types and choices for all of them."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: expected a mapping of flag names to values")
+    argv: list[str] = []
+    for key, value in values.items():
+        if key in _SWITCHES:
+            argv += _switch_argv(key, value, where)
+        elif key in _VALUE_FLAGS:
+            if value is None:
+                continue
+            if isinstance(value, (bool, list, dict)):
+                raise UserError(f"{where}: {key} takes one value, got {value!r}")
+            argv += [f"--{key}", str(value)]
+        else:
+            raise UserError(f"{where}: unknown key {key!r} (not a revjepa train flag)")
+    return argv
+
+
+def _sections_to_flags(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A stored configuration (training_args.json: model/objective/train sections of field
+    names) as flag names and values."""
+    flat: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        values = data.get(section, {})
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: section {section!r} is not a mapping")
+        known = {f_.name: f_ for f_ in fields(cls)}
+        for name, value in values.items():
+            if name not in known:
+                raise UserError(f"{where}: unknown key {section}.{name}")
+            if name in _BOOL_FLAGS:
+                on, _ = _BOOL_FLAGS[name]
+                flat[on.lstrip("-")] = value
+            else:
+                flat[known[name].metadata.get("flag", name)] = value
+    return flat
+
+
+def config_file_argv(path: str) -> list[str]:
+    """`--config FILE` (YAML or JSON) as command-line tokens: either flat flag names, or a
+    run's own training_args.json (sections model/objective/train; `resolved` is ignored)."""
+    import yaml
+
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text())
+    except OSError as exc:
+        raise UserError(f"--config {path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(
+            f"--config {path}: not valid YAML/JSON: {str(exc).splitlines()[0]}"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of flags to values")
+    if set(data) & set(_SECTIONS):
+        data = _sections_to_flags({k: v for k, v in data.items() if k != "resolved"}, path)
+    return flags_to_argv(data, f"--config {path}")

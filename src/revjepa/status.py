@@ -46,10 +46,20 @@ def expand_runs(paths: list[Path]) -> list[Path]:
             raise UserError(f"{path}: not a directory")
         is_run = any((path / name).exists() for name in RUN_FILES)
         if not is_run and (path / "runs").is_dir():
-            out.extend(sorted(p for p in (path / "runs").iterdir() if p.is_dir()))
+            out.extend(_sweep_runs(path))
         else:
             out.append(path)
     return out
+
+
+def _sweep_runs(sweep: Path) -> list[Path]:
+    """A sweep's runs: every run of its plan (`sweep.json`, in plan order, those not started
+    yet included), else the directories under `runs/`."""
+    plan = _read_json(sweep / "sweep.json") or {}
+    names = [r.get("name") for r in plan.get("runs", []) if isinstance(r, dict)]
+    if names and all(isinstance(n, str) and n for n in names):
+        return [sweep / "runs" / n for n in names]  # by name: the sweep may have moved
+    return sorted(p for p in (sweep / "runs").iterdir() if p.is_dir())
 
 
 def _rate(train: list[dict[str, Any]]) -> float | None:

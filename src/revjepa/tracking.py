@@ -68,7 +68,8 @@ def seedless_group(config: RunConfig) -> str:
     its directory's name), hashed."""
     data = config.to_dict()
     dataset = Path(config.train.data_dir).name  # the dataset, wherever it is mounted
-    for name in (*RESUMABLE_OVERRIDES, "seed", "preset"):
+    # as `revjepa report` groups runs: the run length is part of the configuration
+    for name in (RESUMABLE_OVERRIDES - {"max_steps", "num_epochs"}) | {"seed", "preset"}:
         data["train"].pop(name, None)
     data["train"]["dataset"] = dataset
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]

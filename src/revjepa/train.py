@@ -199,6 +199,15 @@ def train(
         d.close()
 
 
+def print_resolved_config(
+    config: RunConfig, overrides: dict[str, dict[str, Any]], resume_from: str | None
+) -> None:
+    """`--print_config`: the configuration a run would use (with a checkpoint's on resume)."""
+    state, resume_path = find_resume_state(Path(config.train.output_dir), resume_from)
+    resolved = resolve_config(config, overrides, state, resume_path, resume_from, 1)
+    print(json.dumps(resolved.to_dict(), indent=2))
+
+
 def _setup_and_fit(
     config: RunConfig,
     state: dict[str, Any] | None,

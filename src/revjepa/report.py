@@ -1,0 +1,334 @@
+"""`revjepa report`: runs grouped by their configuration minus the seed; per group and split,
+a metric's mean +- std over seeds at each run's best checkpoint and at its last one, as
+Markdown, CSV or JSON, and a seed-band plot.
+
+Records come from a run's `eval_all.jsonl` (every checkpoint on every split, what a sweep
+writes); a run without one (still training) falls back to the evaluations in `metrics.jsonl`
+(the --valid_split only) and is marked in progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import RESUMABLE_OVERRIDES, SPLITS
+from .errors import UserError
+from .runlog import RUN_STATE, read_jsonl
+
+REPORT_FORMATS = ("markdown", "csv", "json")
+# Configuration fields that do not change what a run computes (bookkeeping, speed, the seed).
+_NOT_CONFIG = (RESUMABLE_OVERRIDES - {"max_steps", "num_epochs"}) | {"seed", "preset"}
+
+
+@dataclass
+class RunRecords:
+    path: Path
+    config: dict[str, Any]
+    family: str
+    seed: int
+    label: str | None  # the sweep's name for it, minus the seed
+    records: list[dict[str, Any]]  # {"step", "splits": {split: {metric: value}}}
+    in_progress: bool
+
+
+@dataclass
+class Group:
+    key: str
+    family: str
+    metric: str
+    runs: list[RunRecords] = field(default_factory=list)
+    label: str = ""
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+def find_runs(dirs: list[Path]) -> list[Path]:
+    """Run directories in `dirs`: runs themselves, sweeps (their runs/), or parents of either."""
+    found: list[Path] = []
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"{d}: no such directory")
+        if (d / "training_args.json").is_file():
+            found.append(d)
+            continue
+        inner = d / "runs" if (d / "runs").is_dir() else d
+        runs = sorted(p for p in inner.iterdir() if (p / "training_args.json").is_file())
+        for sub in sorted(p for p in d.iterdir() if (p / "runs").is_dir() and p != d):
+            runs += sorted(
+                p for p in (sub / "runs").iterdir() if (p / "training_args.json").is_file()
+            )
+        if not runs:
+            raise UserError(f"{d}: no run directories (training_args.json) found")
+        found += runs
+    return found
+
+
+def _metrics_records(path: Path) -> list[dict[str, Any]]:
+    """The evaluation records of metrics.jsonl, as eval_all.jsonl shapes them."""
+    out = []
+    for r in read_jsonl(path / "metrics.jsonl"):
+        splits: dict[str, dict[str, float]] = {}
+        for key, value in r.items():
+            for split in SPLITS:
+                if key.startswith(f"eval_{split}_"):
+                    splits.setdefault(split, {})[key[len(f"eval_{split}_") :]] = value
+        if splits:
+            out.append({"step": r["step"], "splits": splits})
+    return out
+
+
+def _sweep_labels(run_dir: Path) -> dict[str, str]:
+    plan_file = run_dir.parent.parent / "sweep.json"
+    if run_dir.parent.name != "runs" or not plan_file.is_file():
+        return {}
+    plan = json.loads(plan_file.read_text())
+    labels = {}
+    for run in plan.get("runs", []):
+        parts = [run["variant"]] if run.get("variant") else []
+        parts += [f"{k}={v}" for k, v in run.get("grid", {}).items()]
+        labels[run["name"]] = " ".join(parts) or plan.get("name", "sweep")
+    return labels
+
+
+def load_run(path: Path) -> RunRecords:
+    try:
+        args = json.loads((path / "training_args.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}/training_args.json: cannot read: {exc}") from None
+    config = {k: v for k, v in args.items() if k in ("model", "objective", "train")}
+    records = read_jsonl(path / "eval_all.jsonl")
+    finished = False
+    if (path / RUN_STATE).is_file():
+        finished = json.loads((path / RUN_STATE).read_text()).get("state") == "finished"
+    in_progress = not (records and finished)
+    if not records:
+        records = _metrics_records(path)
+    return RunRecords(
+        path, config, config["model"]["family"], int(config["train"]["seed"]),
+        _sweep_labels(path).get(path.name), sorted(records, key=lambda r: r["step"]), in_progress,
+    )  # fmt: skip
+
+
+def config_key(config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened configuration that defines a group: everything but the seed and the
+    bookkeeping fields; the data by its directory name (a sweep's data keys are content hashes)."""
+    flat = {}
+    for section, values in config.items():
+        for name, value in values.items():
+            if name in _NOT_CONFIG:
+                continue
+            flat[f"{section}.{name}"] = value
+    flat["train.data"] = Path(config["train"]["data_dir"]).name
+    return flat
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; nan for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _value(record: dict[str, Any], split: str, metric: str) -> float | None:
+    value = record["splits"].get(split, {}).get(metric)
+    return None if value is None else float(value)
+
+
+def best_and_last(run: RunRecords, metric: str, select: str) -> tuple[dict, dict] | None:
+    """The run's best record (highest `metric` on `select`, the earliest on ties) and last."""
+    scored = [r for r in run.records if _value(r, select, metric) is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: (_value(r, select, metric), -r["step"]))
+    return best, run.records[-1]
+
+
+def group_runs(runs: list[RunRecords], metric: str | None) -> list[Group]:
+    from .families import FAMILIES
+
+    groups: dict[str, Group] = {}
+    for run in runs:
+        key = json.dumps(config_key(run.config), sort_keys=True)
+        if key not in groups:
+            name = metric or FAMILIES[run.family].headline_metric
+            groups[key] = Group(key, run.family, name)
+        groups[key].runs.append(run)
+    ordered = list(groups.values())
+    varying = _varying_keys([json.loads(g.key) for g in ordered])
+    for g in ordered:
+        flat = json.loads(g.key)
+        labels = {r.label for r in g.runs if r.label}
+        g.label = " / ".join(sorted(labels)) if labels else (
+            " ".join(f"{k.split('.')[-1]}={flat.get(k)}" for k in varying) or g.runs[0].path.name
+        )  # fmt: skip
+    return ordered
+
+
+def _varying_keys(flats: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for f in flats for k in f})
+    return [k for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1]
+
+
+def summarize(groups: list[Group], select_split: str | None) -> list[dict[str, Any]]:
+    """Per group: n, best-step statistics, and mean/std per split at best and last."""
+    rows = []
+    for g in groups:
+        picks, runs = [], []
+        for run in g.runs:
+            select = select_split or run.config["train"]["valid_split"]
+            pick = best_and_last(run, g.metric, select)
+            if pick is not None:
+                picks.append(pick)
+                runs.append(run)
+        row: dict[str, Any] = {
+            "group": g.label, "family": g.family, "metric": g.metric, "n": len(picks),
+            "seeds": sorted(r.seed for r in runs),
+            "in_progress": any(r.in_progress for r in g.runs),
+            "runs": [str(r.path) for r in runs],
+            "select_split": select_split or sorted({r.config["train"]["valid_split"] for r in runs}),
+        }  # fmt: skip
+        if picks:
+            steps = [best["step"] for best, _ in picks]
+            row["best_step"] = {
+                "mean": sum(steps) / len(steps),
+                "min": min(steps),
+                "max": max(steps),
+            }
+            row["last_step"] = {"min": min(last["step"] for _, last in picks),
+                                "max": max(last["step"] for _, last in picks)}  # fmt: skip
+        for split in SPLITS:
+            for which, index in (("best", 0), ("last", 1)):
+                values = [_value(p[index], split, g.metric) for p in picks]
+                values = [v for v in values if v is not None]
+                if values:
+                    mean, std = mean_std(values)
+                    row[f"{split}_{which}"] = {"mean": mean, "std": std, "n": len(values)}
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def _cell(stat: dict[str, Any] | None) -> str:
+    if stat is None:
+        return "–"
+    std = "–" if math.isnan(stat["std"]) else f"{stat['std']:.4f}"
+    return f"{stat['mean']:.4f} ± {std}"
+
+
+def to_markdown(rows: list[dict[str, Any]], select_split: str | None) -> str:
+    select = select_split or "each run's --valid_split"
+    metrics = sorted({f"{r['metric']} ({r['family']})" for r in rows})
+    head = [
+        f"Metric: {', '.join(metrics)}. Best = the checkpoint with the highest metric on "
+        f"{select} (per run; the earliest on ties); last = the run's last evaluated checkpoint. "
+        "Mean ± sample std (n − 1) over seeds.",
+        "",
+    ]
+    cols = ["group", "family", "n", "best step (mean, min–max)"]
+    cols += [f"{s} {w}" for s in ("test", "atomic", "train") for w in ("best", "last")]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        b = r.get("best_step")
+        step = f"{b['mean']:.0f} ({b['min']}–{b['max']})" if b else "–"
+        name = r["group"] + (" *" if r["in_progress"] else "")
+        cells = [name, r["family"], str(r["n"]), step]
+        cells += [
+            _cell(r.get(f"{s}_{w}")) for s in ("test", "atomic", "train") for w in ("best", "last")
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if any(r["in_progress"] for r in rows):
+        lines += [
+            "",
+            "\\* in progress: not every run has finished and been evaluated on all splits.",
+        ]
+    return "\n".join(head + lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    cols = ["group", "family", "metric", "n", "seeds", "in_progress", "best_step_mean",
+            "best_step_min", "best_step_max"]  # fmt: skip
+    cols += [f"{s}_{w}_{m}" for s in SPLITS for w in ("best", "last") for m in ("mean", "std")]
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    for r in rows:
+        out = {k: r[k] for k in ("group", "family", "metric", "n", "in_progress")}
+        out["seeds"] = " ".join(map(str, r["seeds"]))
+        for k in ("mean", "min", "max"):
+            out[f"best_step_{k}"] = r.get("best_step", {}).get(k)
+        for s in SPLITS:
+            for w in ("best", "last"):
+                stat = r.get(f"{s}_{w}") or {}
+                out[f"{s}_{w}_mean"], out[f"{s}_{w}_std"] = stat.get("mean"), stat.get("std")
+        writer.writerow(out)
+    return buf.getvalue()
+
+
+def report(
+    dirs: list[Path], metric: str | None, select_split: str | None, fmt: str, plot: str | None
+) -> str:
+    """The report text in `fmt`; with `plot`, also the seed-band PNG."""
+    if select_split is not None and select_split not in SPLITS:
+        raise UserError(f"--select_split must be one of {', '.join(SPLITS)}, got {select_split!r}")
+    runs = [load_run(p) for p in find_runs(dirs)]
+    groups = group_runs(runs, metric)
+    rows = summarize(groups, select_split)
+    if not any(r["n"] for r in rows):
+        raise UserError(f"no run has an evaluation with the metric {metric or 'headline'}")
+    if plot:
+        plot_groups(groups, Path(plot))
+    if fmt == "json":
+        return json.dumps(rows, indent=2, allow_nan=True) + "\n"
+    if fmt == "csv":
+        return to_csv(rows)
+    return to_markdown(rows, select_split)
+
+
+def plot_groups(groups: list[Group], out: Path) -> None:
+    """Per group the mean curve and a +-std band over seeds, one panel per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(5 * len(SPLITS), 4), squeeze=False)
+    for ax, split in zip(axes[0], ("test", "atomic", "train")):
+        for g in groups:
+            curves = [
+                {r["step"]: _value(r, split, g.metric) for r in run.records
+                 if _value(r, split, g.metric) is not None}
+                for run in g.runs
+            ]  # fmt: skip
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            stats = [mean_std([c[s] for c in curves]) for s in steps]
+            mean = [m for m, _ in stats]
+            std = [0.0 if math.isnan(s) else s for _, s in stats]
+            line = ax.plot(steps, mean, label=f"{g.label} (n={len(curves)})")[0]
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
+                            [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)  # fmt: skip
+        ax.set_title(split)
+        ax.set_xlabel("step")
+        ax.set_ylabel(", ".join(sorted({g.metric for g in groups})))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
