@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from revjepa.cli import main
-from revjepa.runlog import read_jsonl
+from revjepa.runlog import lock_held, read_jsonl
 
 DATA = {"num_ga_entities": 200, "gb_ratio": 0.5, "num_rel_pairs": 2, "test_size": 20, "seed": 0}
 BASE = {
@@ -164,13 +164,10 @@ def test_a_killed_sweep_resumes_to_the_same_weights(finished_sweep, tmp_path):
     assert (first / "checkpoint_step_20.pt").exists(), "the first run never checkpointed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    lock = out / "state" / "ntp-seed0.lock"
     deadline = time.time() + 60  # the orphaned task gets SIGTERM, checkpoints and exits
-    from revjepa.sweep import lock_held
-
-    while time.time() < deadline and lock_held(lock):
+    while time.time() < deadline and lock_held(out / "state", "ntp-seed0.lock"):
         time.sleep(0.1)
-    assert not lock_held(lock)
+    assert not lock_held(out / "state", "ntp-seed0.lock")
     assert not (out / "state" / "ntp-seed0.done.json").exists()
     status = cli("sweep", "--status", "--out", str(out))
     assert status.returncode == 1 and "ntp-seed1" in status.stdout

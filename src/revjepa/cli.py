@@ -1,4 +1,5 @@
-"""`revjepa` command line: gen-data, train, evaluate, plot, export, bench, sweep, report.
+"""`revjepa` command line: gen-data, train, evaluate, plot, export, bench, status, sweep,
+report.
 
 Bad input anywhere ends with one line on stderr and exit code 2 (UserError), never a traceback.
 """
@@ -223,6 +224,26 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
+def cmd_status(argv: list[str]) -> int:
+    from .status import collect_status, format_status
+
+    p = new_parser(
+        "revjepa status",
+        "Where runs stand: step, speed, ETA, evaluations, checkpoint, state, collapse alarm.",
+    )
+    p.add_argument("run_dirs", nargs="+", help="run directories, or sweep directories (runs/)")
+    p.add_argument("--json", action="store_true", help="print the per-run records as JSON")
+    p.add_argument(
+        "--no_verify",
+        action="store_true",
+        help="name the newest checkpoint file without loading it (fast on large runs)",
+    )
+    a = p.parse_args(argv)
+    rows = collect_status([Path(x) for x in a.run_dirs], verify=not a.no_verify)
+    print(json.dumps(rows, indent=2) if a.json else format_status(rows))
+    return 0
+
+
 def cmd_sweep(argv: list[str]) -> int:
     from . import slurm_array, sweep
 
@@ -327,6 +348,7 @@ COMMANDS = {
     "plot": cmd_plot,
     "export": cmd_export,
     "bench": cmd_bench,
+    "status": cmd_status,
     "sweep": cmd_sweep,
     "sweep-run": cmd_sweep_run,
     "report": cmd_report,

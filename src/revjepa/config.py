@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CONCEPT_NORMS = ("rms", "layernorm")
 CONCEPT_CANDIDATES = ("all", "entities")
 ON_OFF = ("on", "off")
+REPORT_BACKENDS = ("tensorboard", "wandb")  # --report_to (tracking.py); "all" = every one
 
 # Named partial configurations (`--preset NAME`; explicit flags override them). The ws_* ones are
 # Wang & Sun (2025)'s concept-level JEPA settings (§3.3 / App. B): d = 768, 12 heads, batch 1024,
@@ -203,6 +204,27 @@ class TrainConfig:
         "named partial configuration (explicit flags override it): " + ", ".join(PRESETS),
         choices=tuple(PRESETS),
     )
+    # --- watching a run (tracking.py, collapse.py): no effect on the training itself
+    report_to: str = _f(
+        "none",
+        "experiment trackers that get every metrics.jsonl scalar: none, tensorboard, wandb, all, "
+        "or a comma list (tensorboard,wandb)",
+    )
+    wandb_project: str | None = _f(None, "W&B project (default: $WANDB_PROJECT, else revjepa)")
+    wandb_group: str | None = _f(
+        None,
+        "W&B group (default: $WANDB_RUN_GROUP, else the configuration minus the seed, so that "
+        "seeds of one configuration share a group)",
+    )
+    wandb_name: str | None = _f(
+        None, "W&B run name (default: $WANDB_NAME, else the output directory's name)"
+    )
+    collapse_cos_threshold: float = _f(
+        0.99, "JEPA collapse alarm: pred_mean_cos above this value counts as collapsed"
+    )
+    collapse_window: int = _f(
+        5, "JEPA collapse alarm: after this many consecutive collapsed log records (0 = off)"
+    )
 
     @property
     def total_steps_default(self) -> int:
@@ -228,6 +250,13 @@ RESUMABLE_OVERRIDES = {
     "peak_tflops",
     "output_dir",
     "data_dir",
+    # watching the run changes nothing in it
+    "report_to",
+    "wandb_project",
+    "wandb_group",
+    "wandb_name",
+    "collapse_cos_threshold",
+    "collapse_window",
 }
 
 
@@ -318,6 +347,13 @@ class RunConfig:
             raise UserError(f"unknown --device {t.device!r}")
         if t.preset is not None and t.preset not in PRESETS:
             raise UserError(f"unknown --preset {t.preset!r}; choose from {', '.join(PRESETS)}")
+        report_backends(t.report_to)  # raises on a bad value
+        if not -1.0 <= t.collapse_cos_threshold <= 1.0:
+            raise UserError(
+                f"--collapse_cos_threshold must be in [-1, 1], got {t.collapse_cos_threshold}"
+            )
+        if t.collapse_window < 0:
+            raise UserError(f"--collapse_window must be >= 0, got {t.collapse_window}")
         self._validate_concept()
 
     def _validate_concept(self) -> None:
@@ -349,6 +385,23 @@ class RunConfig:
                 "--model_family concept_jepa trains only the concept loss: --no_jepa or "
                 "--lambda_jepa 0 leaves nothing to train"
             )
+
+
+def report_backends(value: str) -> tuple[str, ...]:
+    """The trackers of a --report_to value: `none` -> (), `all` -> every one, else the comma
+    list (order kept, duplicates dropped); UserError on an unknown name."""
+    names = [n.strip() for n in str(value).split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    if names == ["all"]:
+        return REPORT_BACKENDS
+    bad = [n for n in names if n not in REPORT_BACKENDS]
+    if bad or not names:
+        raise UserError(
+            f"--report_to {value!r}: choose none, all, or a comma list of "
+            f"{', '.join(REPORT_BACKENDS)}"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 _SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig}

@@ -8,10 +8,12 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .faults import crash, crash_requested
 
 RUN_STATE = "run_state.json"
@@ -51,29 +53,93 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def write_run_state(output_dir: Path, state: str, step: int, max_steps: int, signum) -> None:
-    """`run_state.json`: running / finished / stopped (by a signal), written atomically. The
-    SLURM script reads it to requeue only a run that a signal stopped short of --max_steps."""
+def write_run_state(
+    output_dir: Path, state: str, step: int, max_steps: int, signum, error: str | None = None
+) -> None:
+    """`run_state.json`: running / finished / stopped (by a signal) / failed (with the error's
+    line), written atomically. The SLURM script reads it to requeue only a run that a signal
+    stopped short of --max_steps."""
     record = {"state": state, "step": step, "max_steps": max_steps, "time": time.time()}
     if signum is not None:
         record["signal"] = signal.Signals(signum).name
+    if error is not None:
+        record["error"] = error
     tmp = output_dir / f".{RUN_STATE}.tmp"
     tmp.write_text(json.dumps(record) + "\n")
     os.replace(tmp, output_dir / RUN_STATE)
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line a failed run's `run_state.json` keeps: a UserError's message as the CLI
+    prints it, `Type: first line` for anything else."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, UserError):
+        return first[:500]
+    return one_line(exc, 500) if first else type(exc).__name__
+
+
+@contextmanager
+def failure_recorded(
+    output_dir: Path | None, step: Callable[[], int], max_steps: int, lock: RunLock | None
+) -> Iterator[None]:
+    """Write `run_state.json` = failed (step, error line) when the body raises, release the
+    run's lock (the traceback may keep the run alive in this process), then re-raise.
+    `output_dir` None (not the main process) records nothing."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as exc:
+        if output_dir is not None:
+            try:
+                write_run_state(output_dir, "failed", step(), max_steps, None, error_line(exc))
+            except OSError:
+                pass  # the original error matters more than its record
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def lock_held(output_dir: Path, name: str = ".lock") -> bool:
+    """Whether a trainer holds `output_dir`'s lock now. Probes with a shared non-blocking flock
+    on a read-only descriptor: never creates or truncates `.lock`, and a trainer that starts
+    during the probe's microseconds retries (RunLock)."""
+    try:
+        fd = os.open(output_dir / name, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no trainer ever started here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """One trainer per output directory; the OS drops the lock when the process dies."""
+
+    RETRIES = 10  # x 50 ms: outlasts a `revjepa status` probe (lock_held), not a trainer
 
     def __init__(self, output_dir: Path) -> None:
         self.path = output_dir / ".lock"
         self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        for attempt in range(self.RETRIES + 1):
+            try:
+                fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if attempt < self.RETRIES:
+                    time.sleep(0.05)
+        else:
             self.fh.close()
-            raise UserError(f"{output_dir}: another trainer is running in this directory") from None
+            raise UserError(f"{output_dir}: another trainer is running in this directory")
         self.fh.seek(0)
         self.fh.truncate()
         self.fh.write(f"{os.getpid()}\n")
         self.fh.flush()
+
+    def release(self) -> None:
+        """Give the directory up (the file stays: removing it could race a new trainer)."""
+        self.fh.close()

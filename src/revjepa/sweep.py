@@ -23,7 +23,7 @@ from typing import Any
 
 from .data import atomic_write_bytes
 from .errors import UserError
-from .runlog import RUN_STATE
+from .runlog import RUN_STATE, lock_held
 from .spec import Plan, expand, load_spec, spec_changes
 
 PLAN = "sweep.json"
@@ -118,19 +118,6 @@ def _lock(out: Path, name: str):
     return fh
 
 
-def lock_held(path: Path) -> bool:
-    """Whether a process holds the lock file now (probed without waiting)."""
-    if not path.exists():
-        return False
-    with open(path) as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return False
-
-
 def run_task(out: Path, index: int) -> int:
     """Train (or resume) and evaluate run `index` of the sweep in `out`; the completion
     marker is written last. Exit codes: 0 done, 3 stopped by a signal (resume later), 1 failed."""
@@ -214,7 +201,7 @@ def run_status(out: Path, run: dict[str, Any]) -> dict[str, Any]:
     failed = state_path(out, name, "failed.json")
     if state_path(out, name, "done.json").exists():
         info["status"] = "done"
-    elif lock_held(state_path(out, name, "lock")):
+    elif lock_held(out / "state", f"{name}.lock"):
         info["status"] = "running"
     elif failed.exists():
         info["status"] = "failed"

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpointer, find_latest_valid, load_checkpoint
+from .collapse import CollapseAlarm
 from .compiled import compile_model, compiled_or_eager, with_model
 from .config import RunConfig, resolve_config
 from .cpu import setup_cpu_kernels, uses_cpu_kernels
@@ -31,9 +32,10 @@ from .evaluate import evaluate_split
 from .families import build_model
 from .flops import peak_flops
 from .model import collapse_signal
-from .runlog import RunLock, append_jsonl, truncate_jsonl, write_run_state
+from .runlog import RunLock, append_jsonl, failure_recorded, truncate_jsonl, write_run_state
 from .schedule import lr_multiplier, should_eval
 from .step import StepContext, StepResult, make_optimizer, resolve_precision, train_step
+from .tracking import Tracker, check_backends, open_tracker
 
 log = logging.getLogger("revjepa.train")
 
@@ -184,6 +186,7 @@ def train(
         config, overrides or {}, state, resume_path, resume_from, launcher_world_size()
     )
     tc = config.train
+    check_backends(tc.report_to)  # a missing tracker package: exit 2 before any file is written
     d = init_distributed("cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu")
     preempt = Preemption()
     try:
@@ -266,6 +269,28 @@ def setup_run(
         checkpointer.prepare()
         lock = RunLock(output_dir)
         write_run_state(output_dir, "running", start_step, max_steps, None)
+    with failure_recorded(output_dir if d.main else None, lambda: start_step, max_steps, lock):
+        return _build_run(config, state, resume_path, d, dataset, model, checkpointer, lock)
+
+
+def _build_run(
+    config: RunConfig,
+    state: dict[str, Any] | None,
+    resume_path: Path | None,
+    d: Dist,
+    dataset: Dataset,
+    model: torch.nn.Module,
+    checkpointer: Checkpointer,
+    lock: RunLock | None,
+) -> Run:
+    """The rest of `setup_run`, once the directory is this run's (a failure here is recorded
+    in run_state.json)."""
+    tc, output_dir = config.train, Path(config.train.output_dir)
+    device = next(model.parameters()).device  # where setup_run put it
+    start_step = int(state["step"]) if state is not None else 0
+    spe = steps_per_epoch(len(dataset.train), tc.batch_size * d.world, tc.data_dir)
+    max_steps = checkpointer.max_steps
+    use_compile, cuda_graphs = _compile_choice(config, device, d)
     setup_logging(output_dir if d.main else None, d.main)
     setup_cpu_kernels(model, tc.cpu_kernels, device, use_compile, d, log.warning)  # once, here
     precision = resolve_precision(tc.precision, device, log.warning)
@@ -416,12 +441,38 @@ class Trainer:
         self.window = LogWindow(run.device)
         if run.state is not None and "log_window" in run.state:
             self.window.load_state_dict(run.state["log_window"], run.dist.main)
+        tc = run.config.train
+        self.alarm = CollapseAlarm(tc.collapse_cos_threshold, tc.collapse_window)
+        if run.state is not None and "collapse_alarm" in run.state:
+            self.alarm.load_state_dict(run.state["collapse_alarm"])
+        # no backends until fit opens them; the W&B run id travels on through every checkpoint
+        self.tracker = Tracker([], (run.state or {}).get("wandb_run_id"))
         self.bad_run = 0
         self.t_last, self.step_last = time.perf_counter(), run.start_step
         self.window_tokens, self.window_flops = 0, 0.0  # this rank's, since t_last
         self.progress = _progress(run.dist.main, run.start_step, run.max_steps)
 
     def fit(self) -> Path:
+        """Train to --max_steps or a stop signal; an exception is recorded in run_state.json
+        (failed, with its line) and re-raised."""
+        run = self.run
+        main_dir = run.output_dir if run.dist.main else None
+        with failure_recorded(main_dir, self._step, run.max_steps, run.lock):
+            if run.dist.main:
+                self.tracker = open_tracker(run.config, run.output_dir, run.start_step, run.state)
+            try:
+                self._loop()
+            except BaseException:
+                self.tracker.close(ok=False)
+                raise
+            self.tracker.close(ok=True)
+            self.finish()
+        return run.output_dir
+
+    def _step(self) -> int:
+        return self.step
+
+    def _loop(self) -> None:
         run, tc = self.run, self.run.config.train
         while self.step < run.max_steps:
             res = self.train_one_step()
@@ -431,6 +482,7 @@ class Trainer:
                 record.update(self.evaluate())
             if record and run.dist.main:
                 append_jsonl(run.metrics_path, record)
+                self.tracker.log(record)
                 _log_record(record, self.progress, tc.valid_split)
             stop = self.should_stop()
             if stop or run.checkpointer.due(self.step):
@@ -441,8 +493,6 @@ class Trainer:
                     "resume with --resume_from latest"
                 )
                 break
-        self.finish()
-        return run.output_dir
 
     def train_one_step(self) -> StepResult:
         run, tc = self.run, self.run.config.train
@@ -502,6 +552,9 @@ class Trainer:
         pred = res.out.jepa_embeddings()
         if pred is not None:
             record.update({k: float(v) for k, v in collapse_signal(pred).items()})
+            warning = self.alarm.observe(record)
+            if warning and run.dist.main:
+                log.warning(warning)
         self.window.sums.zero_()
         self.window.steps = 0
         self.t_last, self.step_last = now, self.step
@@ -569,6 +622,9 @@ class Trainer:
             "world_size": run.dist.world,
             "cpu_threads": torch.get_num_threads(),
             "log_window": self.window.state_dict(window_sums),
+            "collapse_alarm": self.alarm.state_dict(),
+            # only where a W&B run exists: other runs' checkpoints keep their content
+            **({"wandb_run_id": w} if (w := self.tracker.wandb_run_id) else {}),
         }
 
     def finish(self) -> None:
@@ -579,6 +635,8 @@ class Trainer:
             return
         done = "finished" if self.step == run.max_steps else "stopped"
         write_run_state(run.output_dir, done, self.step, run.max_steps, self.preempt.signal)
+        if (summary := self.alarm.summary()) is not None:
+            log.warning(summary)
         if self.step == run.max_steps:
             log.info(
                 f"done: {run.max_steps} steps; checkpoints in {run.checkpointer.dir}; metrics in "
