@@ -543,17 +543,60 @@ class GPT2Jepa(LossFamily):
         nodes = [root] + [row_index(trie.nodes[d], tail[:, :d]) for d in range(1, trie.depth)]
         return trie, nodes
 
-    def next_token_logprobs(self, ids: torch.Tensor) -> torch.Tensor:
-        """(R, T) rows, each one sequence from position 0 -> (R, V) float32 log-probabilities
-        of the token after the last one (the model's math in the current mode)."""
-        t = ids.shape[1]
-        pos = torch.arange(t, device=ids.device)[None]
-        mask = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()[None]
-        h, _ = gpt2_hidden_states(
-            self.lm, ids, pos, mask, self.model_cfg.position_embeddings, ops=self.ops
-        )
-        logits = self.lm.transformer.ln_f(h[:, -1]) @ self.lm.lm_head.weight.T
-        return torch.log_softmax(logits.float(), -1)
+    def prefix_cache(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's attention keys and values (R, heads, T, d_head) of the rows `ids`
+        (R, T), each a sequence from position 0 (eval mode: no dropout)."""
+        _, cache = self.extend(ids, None)
+        return cache
+
+    def extend(
+        self, ids: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """GPT-2 over the tokens `ids` (R, t) that continue the rows of `cache` (the keys and
+        values of their first T tokens; None: T = 0), attention causal: the output (R, t, d)
+        after the final LayerNorm, and the cache of all T + t tokens. The math of
+        `gpt2_hidden_states` on the whole rows, in eval mode (it never applies dropout)."""
+        tr, cfg = self.lm.transformer, self.model_cfg
+        t, past = ids.shape[1], 0 if cache is None else cache[0][0].shape[2]
+        h = tr.wte(ids)
+        if cfg.position_embeddings:
+            h = h + tr.wpe(torch.arange(past, past + t, device=ids.device))
+        mask = None  # one new token attends to every position
+        if t > 1:
+            col = torch.arange(past + t, device=ids.device)
+            mask = col[None, :] <= past + torch.arange(t, device=ids.device)[:, None]
+        new_cache = []
+        for i, block in enumerate(tr.h):
+            attn = block.attn
+            heads, d = attn.num_heads, h.shape[-1]
+            shape = (h.shape[0], t, heads, d // heads)
+            qkv = attn.c_attn(block.ln_1(h))
+            q, k, v = (x.view(shape).transpose(1, 2) for x in qkv.split(d, dim=2))
+            if cache is not None:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+            new_cache.append((k, v))
+            y = F.scaled_dot_product_attention(q, k, v, mask).transpose(1, 2).reshape(h.shape)
+            h = self.ops.residual_linear_dropout(
+                h, y, attn.c_proj.weight, attn.c_proj.bias, 0.0, False
+            )
+            mlp = block.mlp
+            a = self.ops.linear_gelu(block.ln_2(h), mlp.c_fc.weight, mlp.c_fc.bias)
+            h = self.ops.residual_linear_dropout(
+                h, a, mlp.c_proj.weight, mlp.c_proj.bias, 0.0, False
+            )
+        return tr.ln_f(h), new_cache
+
+    def extension_logprobs(
+        self,
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """(n, V) float32 log-probabilities of the token after [row `rows[i]` of the cache,
+        then `tokens[i]` (n, t >= 1)]."""
+        picked = [(k[rows], v[rows]) for k, v in cache]
+        h, _ = self.extend(tokens, picked)
+        return torch.log_softmax((h[:, -1] @ self.lm.lm_head.weight.T).float(), -1)
 
     def entity_rank_counts(
         self,
@@ -569,14 +612,16 @@ class GPT2Jepa(LossFamily):
         score(c) = sum_j log p(c_j | e1 r <mask> c_<j), float32 log-probabilities summed in
         float64 in token order. The true tail's distributions are the teacher-forced `logits`
         (B, E, V) of the batch; every other candidate prefix gets one extra pass of
-        [e1 r <mask> prefix] (`next_token_logprobs`), batched over all (item, prefix) pairs, so
-        each (item, prefix) distribution is computed once and shared by all its candidates.
+        the prefix's tokens after the cached keys and values of e1 r <mask> (`extend`), batched
+        over all (item, prefix) pairs, so each (item, prefix) distribution is computed once and
+        shared by all its candidates.
         Pruning is exact: log-probabilities are <= 0 (also in float), so a prefix whose partial
         score is not above the tail's cannot have a candidate above it and is not expanded.
         """
         b, e = seq.shape[0], self.entity_len
         dev = seq.device
-        prefix, tail = seq[:, : e + 2], seq[:, e + 2 :]
+        tail = seq[:, e + 2 :]
+        cache = self.prefix_cache(seq[:, : e + 2])  # e1 r <mask>, shared by all candidates
         lp_tail = torch.log_softmax(logits.float(), -1)  # (B, E, V)
         target = torch.zeros(b, dtype=torch.float64, device=dev)
         for j in range(e):  # the same float64 additions, in the same order, as the candidates'
@@ -588,20 +633,26 @@ class GPT2Jepa(LossFamily):
         partial = torch.zeros(b, dtype=torch.float64, device=dev)
         for d in range(trie.depth):
             widest = max(1, int(trie.count[d].max()))
-            rows = max_rows or max(1, min((1 << 24) // vocab, (1 << 21) // widest))
+            # pairs per pass: small CPU chunks stay in cache (2,048 was the fastest here),
+            # large GPU ones fill the device; both bound the (rows, V) log-probabilities
+            cap, budget = (16384, 1 << 27) if dev.type == "cuda" else (2048, 1 << 24)
+            rows = max_rows or max(1, min(cap, budget // vocab, (1 << 21) // widest))
             kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             for s in range(0, item.numel(), rows):
                 it, nd, pa = item[s : s + rows], node[s : s + rows], partial[s : s + rows]
-                lp = lp_tail[it, d]  # right for pairs on the tail's own path
-                off = nd != target_nodes[d][it]
-                if bool(off.any()):
-                    ids = torch.cat([prefix[it[off]], trie.nodes[d][nd[off]]], 1)
-                    lp[off] = self.next_token_logprobs(ids)
+                off = nd != target_nodes[d][it]  # not on the tail's own path
                 count = trie.count[d][nd]
                 owner = torch.repeat_interleave(torch.arange(nd.numel(), device=dev), count)
                 first = (count.cumsum(0) - count)[owner]
                 child = trie.start[d][nd][owner] + torch.arange(owner.numel(), device=dev) - first
-                score = pa[owner] + lp[owner, trie.nodes[d + 1][child, d]].double()
+                tok = trie.nodes[d + 1][child, d]
+                lp = lp_tail[it[owner], d, tok]  # the tail's path: the batch's own logits
+                if bool(off.any()):
+                    ext = self.extension_logprobs(cache, it[off], trie.nodes[d][nd[off]])
+                    off_child = off[owner]
+                    slot = (off.cumsum(0) - 1)[owner[off_child]]
+                    lp[off_child] = ext[slot, tok[off_child]]
+                score = pa[owner] + lp.double()
                 above = score > target[it[owner]]
                 if d == trie.depth - 1:
                     greater.index_add_(0, it[owner], above.long())
