@@ -605,6 +605,7 @@ class GPT2Jepa(LossFamily):
         trie: EntityTrie,
         target_nodes: list[torch.Tensor],
         max_rows: int | None = None,
+        prune: bool = True,
     ) -> torch.Tensor:
         """For each item of a batch: the number of entities of `trie` whose score is strictly
         larger than the true tail's (rank = 1 + this). Exact and vectorised.
@@ -616,7 +617,9 @@ class GPT2Jepa(LossFamily):
         over all (item, prefix) pairs, so each (item, prefix) distribution is computed once and
         shared by all its candidates.
         Pruning is exact: log-probabilities are <= 0 (also in float), so a prefix whose partial
-        score is not above the tail's cannot have a candidate above it and is not expanded.
+        score is not above the tail's cannot have a candidate above it and is not expanded
+        (`prune=False` expands every prefix: the same counts, for tests; `max_rows`: pairs per
+        pass, by default from the vocabulary size and the device).
         """
         b, e = seq.shape[0], self.entity_len
         dev = seq.device
@@ -657,7 +660,8 @@ class GPT2Jepa(LossFamily):
                 if d == trie.depth - 1:
                     greater.index_add_(0, it[owner], above.long())
                 else:
-                    kept.append((it[owner][above], child[above], score[above]))
+                    keep = above if prune else torch.ones_like(above)
+                    kept.append((it[owner][keep], child[keep], score[keep]))
             if d < trie.depth - 1:
                 if not kept:  # no prefix above the tail's score: nothing deeper can be
                     break

@@ -507,8 +507,9 @@ class Trainer:
         ck = run.checkpointer
         if run.dist.main:
             metrics = evaluate_split(
-                run.model, run.dataset.valid[tc.valid_split], tc.eval_batch_size
-            )
+                run.model, run.dataset.valid[tc.valid_split], tc.eval_batch_size,
+                entity_mrr=tc.eval_entity_mrr == "on",
+            )  # fmt: skip
             record = dict(
                 step=self.step,
                 epoch=self.step / run.steps_per_epoch,
@@ -560,6 +561,7 @@ class Trainer:
             "world_size": run.dist.world,
             "cpu_threads": torch.get_num_threads(),
             "log_window": self.window.state_dict(window_sums),
+            **run.model.checkpoint_extras(),  # gpt2_jepa: its entity table (`entities`)
         }
 
     def finish(self) -> None:
