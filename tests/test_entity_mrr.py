@@ -75,9 +75,14 @@ def hand_items(table: list[list[int]], n: int, seed: int, outside: list[int]) ->
     return torch.tensor(rows)
 
 
-def random_model(e: int, seed: int, tie: bool = True, dropout: float = 0.1) -> GPT2Jepa:
+def random_model(
+    e: int, seed: int, tie: bool = True, dropout: float = 0.1, positions: bool = True
+) -> GPT2Jepa:
     torch.manual_seed(seed)
-    cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, dropout=dropout, tie_embeddings=tie)
+    cfg = ModelConfig(
+        n_layer=2, n_embd=32, n_head=4, dropout=dropout, tie_embeddings=tie,
+        position_embeddings=positions,
+    )  # fmt: skip
     return GPT2Jepa(cfg, ObjectiveConfig(), hand_vocab(), e)
 
 
@@ -179,12 +184,14 @@ def test_entity_ranks_match_slow_loop(e, kind):
     candidate passes: each rank within the loop's bounds under the float tolerance, and for
     almost every item exactly the loop's rank. A random GPT-2's next-token distributions are
     nearly uniform; the sharp one (LM head x 8, like a trained model's) puts candidate
-    prefixes near the pruning threshold, where a wrong prune would lose candidates."""
+    prefixes near the pruning threshold, where a wrong prune would lose candidates (and it
+    has no position embeddings, as in Wang & Sun's setting)."""
     table = HAND_TABLES[e]
     outside = [4] * e if e > 1 else [4]
     assert outside not in table
-    model = random_model(e, seed=10 * e, tie=kind == "flat_tied")
-    if kind == "sharp_untied":
+    flat = kind == "flat_tied"
+    model = random_model(e, seed=10 * e, tie=flat, positions=flat)  # sharp: no positions
+    if not flat:
         with torch.no_grad():
             model.lm.lm_head.weight.mul_(8.0)
     model.set_entity_table(torch.tensor(table))
