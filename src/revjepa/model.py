@@ -185,8 +185,10 @@ class LossFamily(nn.Module):
     The rest of the contract, which every family defines: `family` (its registry name,
     families.py), `headline_metric` (the evaluation metric that picks best_model.pt),
     `step_cost(kind)` (tokens and FLOPs of a training step), `evaluate_split(split,
-    batch_size, per_layer)` (its metrics), `format_table(results)` (its evaluation table),
-    `hf_state_dict` / `load_hf_state_dict` (checkpoint weights), `export_pretrained(dir)`.
+    batch_size, per_layer, entity_mrr)` (its metrics), `format_table(results)` (its evaluation
+    table), `hf_state_dict` / `load_hf_state_dict` (checkpoint weights), optionally
+    `checkpoint_extras` / `load_checkpoint_extras` (data tables stored beside the weights),
+    `export_pretrained(dir)`.
     """
 
     family: str
