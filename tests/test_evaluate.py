@@ -51,6 +51,8 @@ METRICS = (
     "joint_accuracy",
     "num_samples",
 )
+# what evaluate_checkpoint / `revjepa evaluate` add by default (tests/test_entity_mrr.py)
+CKPT_METRICS = METRICS + ("entity_mrr", "entity_acc", "num_entities")
 RANK_METRICS = ("mrr", "mrr_token1", "mrr_token2", "mrr_joint", "joint_accuracy")
 HEADER = [
     "split",
@@ -61,6 +63,8 @@ HEADER = [
     "MRR joint",
     "joint NLL",
     "joint acc",
+    "entity MRR",
+    "entity acc",
 ]
 N_LAYER = 1
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -587,7 +591,7 @@ def _check_table(stdout: str, results: dict) -> None:
         row = next(ln for ln in lines if ln.startswith(f"{name} "))
         values = [float(x) for x in row.split()[1:]]
         keys = ("ntp_loss", "mrr", "mrr_token1", "mrr_token2", "mrr_joint", "joint_nll")
-        expected = [m[k] for k in keys] + [m["joint_accuracy"]]
+        expected = [m[k] for k in keys] + [m["joint_accuracy"], m["entity_mrr"], m["entity_acc"]]
         assert values == pytest.approx(expected, abs=6e-5), name
     s = results["splits"]
     gap = s["train"]["mrr"] - s["test"]["mrr"]
@@ -619,9 +623,9 @@ def test_evaluate_all_splits_script(name, ev_run, ev_data, tmp_path, capsys):
     assert results["config"]["model"]["n_layer"] == N_LAYER
     assert list(results["splits"]) == ["train", "atomic", "test"]
     for split, m in results["splits"].items():
-        assert set(m) == set(METRICS), split
+        assert set(m) == set(CKPT_METRICS), split
         assert m["num_samples"] == 40
-        assert all(math.isfinite(m[k]) for k in METRICS)
+        assert all(math.isfinite(m[k]) for k in CKPT_METRICS)
         assert 0 < m["mrr_joint"] <= 1 and 0 <= m["joint_accuracy"] <= 1
     _check_table(proc.stdout, results)
 
@@ -661,7 +665,7 @@ def test_evaluate_defaults_to_stored_data_dir_and_matches_api(
         ref = torch.cat([logits for logits, _ in api_batches])
         targets = ev_dataset.valid[name].seq[:, ev_dataset.entity_len + 2 :]
         got, want = results["splits"][name], api["splits"][name]
-        assert set(got) == set(want) == set(METRICS)
+        assert set(got) == set(want) == set(CKPT_METRICS)
         assert_ranks_match(want, ref, [logits for logits, _ in api_batches], targets)
         assert_ranks_match(got, ref, [logits for logits, _ in cli_batches], targets)
         assert_losses_match(got, want)
@@ -728,7 +732,7 @@ def test_directory_sweep_is_resumable(swept, ev_dataset, capsys):
     for r in records:
         assert set(r["splits"]) == set(KINDS)
         for m in r["splits"].values():
-            assert set(m) == set(METRICS)
+            assert set(m) == set(CKPT_METRICS)
     api = evaluate_checkpoint(run / "checkpoints" / "checkpoint_step_20.pt", ev_dataset, 256)
     assert records[1]["splits"] == api["splits"]
     for split, (step, mrr) in best_steps(records).items():

@@ -123,6 +123,13 @@ def cmd_train(argv: list[str], prog: str = "revjepa train") -> int:
     return 0
 
 
+def _needs_train_data(state: dict, entity_mrr: bool) -> bool:
+    """A gpt2_jepa checkpoint older than `entity_mrr` stores no entity table: its metrics then
+    rank among the entities of the data directory's train.json (loaded only then)."""
+    family = state.get("config", {}).get("model", {}).get("family", "gpt2_jepa")
+    return entity_mrr and family == "gpt2_jepa" and "entities" not in state
+
+
 def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:
     from .checkpoint import load_checkpoint
     from .data import KINDS, load_dataset
@@ -144,7 +151,15 @@ def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:
     p.add_argument("--splits", default="train,atomic,test", help="comma-separated splits")
     p.add_argument("--per_layer", action="store_true", help="logit-lens metrics for every layer")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda")
+    p.add_argument(
+        "--entity_mrr",
+        default="on",
+        choices=("on", "off"),
+        help="gpt2_jepa: entity_mrr / entity_acc, the rank of the true tail among all entities "
+        "(on, the default; off skips their cost)",
+    )
     a = p.parse_args(argv)
+    entity = a.entity_mrr == "on"
     if a.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {a.batch_size}")
     splits = tuple(s.strip() for s in a.splits.split(",") if s.strip())
@@ -166,9 +181,13 @@ def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:
         found = list_checkpoints(ckpt_dir)
         if not found:
             raise UserError(f"{target}: no checkpoint_step_*.pt files")
-        data_dir = a.data_dir or load_checkpoint(found[-1][1])["config"]["train"]["data_dir"]
-        dataset = load_dataset(data_dir, with_train=False)
-        records = sweep_directory(ckpt_dir, dataset, a.batch_size, a.per_layer, a.device)
+        last = load_checkpoint(found[-1][1])
+        data_dir = a.data_dir or last["config"]["train"]["data_dir"]
+        dataset = load_dataset(data_dir, with_train=_needs_train_data(last, entity))
+        del last
+        records = sweep_directory(
+            ckpt_dir, dataset, a.batch_size, a.per_layer, a.device, entity_mrr=entity
+        )
         for split, (step, mrr) in best_steps(records).items():
             print(f"best {split} MRR {mrr:.4f} at step {step}")
         if a.output:
@@ -176,9 +195,12 @@ def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:
         return 0
     state = load_checkpoint(target)
     data_dir = a.data_dir or state["config"]["train"]["data_dir"]
+    with_train = _needs_train_data(state, entity)
     del state
-    dataset = load_dataset(data_dir, with_train=False)
-    results = evaluate_checkpoint(target, dataset, a.batch_size, splits, a.per_layer, a.device)
+    dataset = load_dataset(data_dir, with_train=with_train)
+    results = evaluate_checkpoint(
+        target, dataset, a.batch_size, splits, a.per_layer, a.device, entity_mrr=entity
+    )
     print(format_table(results))
     if a.output:
         Path(a.output).write_text(json.dumps(results, indent=2) + "\n")

@@ -41,7 +41,7 @@ from transformers import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from .config import ModelConfig, ObjectiveConfig
-from .data import Split, Vocab
+from .data import Split, Vocab, entity_table
 from .errors import UserError
 from .flops import StepCost, blocks_forward_flops
 from .model import LossFamily, LossOutput, gpt2_block
@@ -87,13 +87,6 @@ def ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def rr_sum(rank: torch.Tensor) -> torch.Tensor:
     """Sum of reciprocal ranks, float64, on the ranks' device."""
     return (1.0 / rank.double()).sum()
-
-
-def entity_table(train_seq: torch.Tensor, entity_len: int) -> torch.Tensor:
-    """The distinct entities (heads and tails) of the training data, sorted: (N_ent, E) int64."""
-    e = entity_len
-    names = torch.cat([train_seq[:, :e], train_seq[:, e + 2 :]])
-    return torch.unique(names.cpu(), dim=0)
 
 
 def run_blocks(
@@ -448,7 +441,11 @@ class ConceptJepa(LossFamily):
 
     @torch.no_grad()
     def evaluate_split(
-        self, split: Split, batch_size: int, per_layer: bool = False
+        self,
+        split: Split,
+        batch_size: int,
+        per_layer: bool = False,
+        entity_mrr: bool = False,  # noqa: ARG002 (its entity metric, concept_mrr_full, always is)
     ) -> dict[str, Any]:
         """Concept metrics of one split, float32, eval mode; per-item means."""
         was_training = self.training

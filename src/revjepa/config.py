@@ -176,6 +176,13 @@ class TrainConfig:
         0, "accepted for compatibility: batches are tensor indices, no loader workers"
     )
     valid_split: str = _f("test", "split evaluated during training", choices=SPLITS)
+    eval_entity_mrr: str = _f(
+        "off",
+        "gpt2_jepa: entity_mrr / entity_acc (rank of the true tail among all entities) in the "
+        "evaluations during training: on, or off (costly on large data; revjepa evaluate "
+        "computes them by default)",
+        choices=ON_OFF,
+    )
     precision: str = _f("fp32", "fp32 | bf16 | fp16 (see --bf16 / --fp16)", choices=PRECISIONS)
     compile: str = _f(
         "auto", "torch.compile: auto (on for CUDA), on, off", choices=("auto", "on", "off")
@@ -242,6 +249,7 @@ RESUMABLE_OVERRIDES = {
     "eval_steps",
     "log_interval",
     "eval_batch_size",
+    "eval_entity_mrr",
     "num_workers",
     "compile",
     "cuda_graphs",
@@ -341,6 +349,8 @@ class RunConfig:
             raise UserError(f"unknown --scheduler {t.scheduler!r}")
         if t.valid_split not in SPLITS:
             raise UserError(f"unknown --valid_split {t.valid_split!r}")
+        if t.eval_entity_mrr not in ON_OFF:
+            raise UserError(f"--eval_entity_mrr must be on or off, got {t.eval_entity_mrr!r}")
         if t.cpu_kernels not in ON_OFF:
             raise UserError(f"--cpu_kernels must be on or off, got {t.cpu_kernels!r}")
         if t.device not in ("auto", "cpu", "cuda"):

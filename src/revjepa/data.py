@@ -74,6 +74,15 @@ class Dataset:
         return 2 * self.entity_len + 2
 
 
+def entity_table(train_seq: torch.Tensor, entity_len: int) -> torch.Tensor:
+    """A run's entity table: the distinct entities (heads and tails) of its training data,
+    sorted (lexicographically by token ids): (N_ent, E) int64. Both model families rank the
+    true tail among these (`concept_mrr_full`, `entity_mrr`)."""
+    e = entity_len
+    names = torch.cat([train_seq[:, :e], train_seq[:, e + 2 :]])
+    return torch.unique(names.cpu(), dim=0)
+
+
 # ----------------------------------------------------------------------------- generation
 
 

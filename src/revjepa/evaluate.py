@@ -20,10 +20,16 @@ from .runlog import append_jsonl, read_jsonl
 
 @torch.no_grad()
 def evaluate_split(
-    model: torch.nn.Module, split: Split, batch_size: int, per_layer: bool = False
+    model: torch.nn.Module,
+    split: Split,
+    batch_size: int,
+    per_layer: bool = False,
+    entity_mrr: bool = False,
 ) -> dict[str, Any]:
-    """All metrics of one split, as the model's family defines them (float32, eval mode)."""
-    return model.evaluate_split(split, batch_size, per_layer)
+    """All metrics of one split, as the model's family defines them (float32, eval mode).
+    `entity_mrr`: gpt2_jepa's entity-level rank metrics too (concept_jepa always computes its
+    own, `concept_mrr_full`)."""
+    return model.evaluate_split(split, batch_size, per_layer, entity_mrr=entity_mrr)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -36,7 +42,9 @@ def evaluate_checkpoint(
     splits: tuple[str, ...] = KINDS,
     per_layer: bool = False,
     device: str = "cpu",
+    entity_mrr: bool = True,
 ) -> dict[str, Any]:
+    """The metrics of one checkpoint on the splits (with `entity_mrr` by default)."""
     state = load_checkpoint(path)
     model, config = model_from_checkpoint(state, dataset, str(path))
     model.to(device)
@@ -47,7 +55,7 @@ def evaluate_checkpoint(
         "family": config.model.family,
         "eval_batch_size": batch_size,
         "splits": {
-            name: evaluate_split(model, dataset.valid[name], batch_size, per_layer)
+            name: evaluate_split(model, dataset.valid[name], batch_size, per_layer, entity_mrr)
             for name in splits
         },
     }
@@ -60,7 +68,13 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def sweep_directory(
-    ckpt_dir: Path, dataset: Dataset, batch_size: int, per_layer: bool, device: str, log=print
+    ckpt_dir: Path,
+    dataset: Dataset,
+    batch_size: int,
+    per_layer: bool,
+    device: str,
+    log=print,
+    entity_mrr: bool = True,
 ) -> list[dict[str, Any]]:
     """Evaluate every checkpoint of a run in step order; resumable through eval_all.jsonl."""
     checkpoints = list_checkpoints(ckpt_dir)
@@ -81,8 +95,9 @@ def sweep_directory(
             continue
         try:
             result = evaluate_checkpoint(
-                path, dataset, batch_size, per_layer=per_layer, device=device
-            )
+                path, dataset, batch_size, per_layer=per_layer, device=device,
+                entity_mrr=entity_mrr,
+            )  # fmt: skip
         except UserError as exc:
             print(f"skipping: {exc}", file=sys.stderr)
             continue

@@ -42,7 +42,9 @@ def build_model(
 def model_from_checkpoint(
     state: dict[str, Any], dataset: Dataset | None = None, where: str = "checkpoint"
 ) -> tuple[torch.nn.Module, RunConfig]:
-    """Rebuild the model from the configuration stored in a checkpoint (data only to cross-check)."""
+    """Rebuild the model from the configuration stored in a checkpoint (data only to cross-check,
+    and as the source of tables that checkpoints older than them lack: gpt2_jepa's entity
+    table comes from `dataset.train` when the checkpoint has none)."""
     config = RunConfig.from_dict(state["config"])
     vocab = vocab_from_mapping(state.get("vocab"), f"{where} (stored vocabulary)")
     entity_len = int(state.get("entity_len", 0))
@@ -64,4 +66,9 @@ def model_from_checkpoint(
         raise UserError(
             f"{where}: model weights do not fit its configuration: {str(exc).splitlines()[0][:200]}"
         ) from None
+    train = dataset.train if dataset is not None else None
+    try:  # data tables stored beside the weights (gpt2_jepa's entity table)
+        model.load_checkpoint_extras(state, None if train is None else train.seq)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
     return model, config

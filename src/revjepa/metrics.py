@@ -9,9 +9,18 @@ For an item with target tokens t1 (t2): p1 = softmax of the logits before t1, p2
               computed by sorting log p2 and binary-searching (never V x V); log-probabilities
               come from float32 logits, pair scores are compared in float64.
 With one-token entities the token-2 and joint metrics equal the token-1 ones.
+
+Entity-level (gpt2_jepa's `entity_mrr`, comparable with concept_jepa's `concept_mrr_full`): the
+rank of the true tail among the entities of the run's entity table, scored by the chain rule
+log p(c1) + log p(c2 | c1) + ..., each candidate teacher-forced on its own tokens. The model
+side is in `model.py`; here are the table's prefix tree (`EntityTrie`) and the chance level
+(`chance_mrr`).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -95,3 +104,63 @@ def summarise(items: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         "joint_nll": cat["nll"].mean().item(),
         "joint_accuracy": cat["correct"].mean().item(),
     }
+
+
+# ----------------------------------------------------------------------------- entity level
+
+
+def chance_mrr(n: int) -> float:
+    """Mean of 1/rank for a uniformly random ranking of n candidates: H_n / n (about ln n / n)."""
+    if n < 1:
+        raise ValueError(f"chance_mrr needs at least one candidate, got {n}")
+    return math.fsum(1.0 / k for k in range(1, n + 1)) / n
+
+
+def row_index(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Index of each row of `rows` (n, w) in `table` (m, w) of distinct rows; -1 when absent."""
+    m = table.shape[0]
+    if m == 0 or rows.shape[0] == 0:
+        return torch.full((rows.shape[0],), -1, dtype=torch.long, device=rows.device)
+    _, inverse = torch.unique(torch.cat([table, rows]), dim=0, return_inverse=True)
+    row_of = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long, device=rows.device)
+    row_of[inverse[:m]] = torch.arange(m, device=rows.device)
+    return row_of[inverse[m:]]
+
+
+@dataclass
+class EntityTrie:
+    """The prefix tree of an entity table (N, L). Depth j = 0..L holds `nodes[j]` (K_j, j), the
+    distinct length-j prefixes, sorted (depth 0: the root, depth L: the entities). The children
+    of node k at depth j are nodes[j + 1][start[j][k] : start[j][k] + count[j][k]]."""
+
+    nodes: list[torch.Tensor]
+    start: list[torch.Tensor]
+    count: list[torch.Tensor]
+
+    @property
+    def depth(self) -> int:
+        return len(self.nodes) - 1
+
+    @property
+    def size(self) -> int:
+        """The number of entities."""
+        return int(self.nodes[-1].shape[0])
+
+
+def entity_trie(entities: torch.Tensor) -> EntityTrie:
+    """The prefix tree of an (N, L) int64 entity table (duplicate rows count once)."""
+    if entities.dim() != 2 or entities.shape[1] < 1:
+        raise ValueError(f"entity table must be (N, L >= 1), got {tuple(entities.shape)}")
+    nodes = [entities.new_zeros((1, 0))]
+    start, count = [], []
+    for j in range(1, entities.shape[1] + 1):
+        level = torch.unique(entities[:, :j], dim=0)  # sorted rows: siblings are contiguous
+        if j == 1:
+            parent = torch.zeros(level.shape[0], dtype=torch.long, device=entities.device)
+        else:
+            parent = row_index(nodes[-1], level[:, : j - 1])
+        c = torch.bincount(parent, minlength=nodes[-1].shape[0])
+        start.append(c.cumsum(0) - c)
+        count.append(c)
+        nodes.append(level)
+    return EntityTrie(nodes, start, count)

@@ -24,14 +24,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from .config import ModelConfig, ObjectiveConfig
-from .data import KIND_ID, Split, Vocab, to_device
+from .data import KIND_ID, Split, Vocab, entity_table, to_device
 from .errors import UserError
 from .flops import StepCost, batch_shape, train_step_flops
-from .metrics import item_metrics, summarise
+from .metrics import EntityTrie, chance_mrr, entity_trie, item_metrics, row_index, summarise
 from .ops import TORCH_OPS, StepOps
 
 hf_logging.set_verbosity_error()
 
+ENTITY_KEYS = ("entity_mrr", "entity_acc")  # evaluate_split(..., entity_mrr=True)
 ROW_BUCKET = 8  # packed rows per batch are padded to a multiple of this (see row_count)
 
 
@@ -184,13 +185,22 @@ class LossFamily(nn.Module):
     The rest of the contract, which every family defines: `family` (its registry name,
     families.py), `headline_metric` (the evaluation metric that picks best_model.pt),
     `step_cost(kind)` (tokens and FLOPs of a training step), `evaluate_split(split,
-    batch_size, per_layer)` (its metrics), `format_table(results)` (its evaluation table),
-    `hf_state_dict` / `load_hf_state_dict` (checkpoint weights), `export_pretrained(dir)`.
+    batch_size, per_layer, entity_mrr)` (its metrics), `format_table(results)` (its evaluation
+    table), `hf_state_dict` / `load_hf_state_dict` (checkpoint weights), optionally
+    `checkpoint_extras` / `load_checkpoint_extras` (data tables stored beside the weights),
+    `export_pretrained(dir)`.
     """
 
     family: str
     headline_metric: str
     ops: StepOps = TORCH_OPS
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Data tables a checkpoint stores beside `model_state_dict` (top-level keys)."""
+        return {}
+
+    def load_checkpoint_extras(self, state: dict[str, Any], train_seq=None) -> None:
+        """Restore `checkpoint_extras` from a checkpoint (`train_seq`: a fallback source)."""
 
     @classmethod
     def build(
@@ -222,6 +232,40 @@ class GPT2Jepa(LossFamily):
 
     family = "gpt2_jepa"
     headline_metric = "mrr"  # evaluation metric that picks best_model.pt
+
+    @classmethod
+    def build(cls, model_cfg, objective, vocab, entity_len, train_seq=None) -> GPT2Jepa:
+        model = cls(model_cfg, objective, vocab, entity_len)
+        if train_seq is not None:
+            model.set_entity_table(entity_table(train_seq, entity_len))
+        return model
+
+    def set_entity_table(self, entities: torch.Tensor) -> None:
+        """The run's entity table (N, E) int64 that `entity_mrr` ranks among (kept out of the
+        HF state dict, so `model_state_dict` and the export stay a plain GPT-2)."""
+        if entities.dim() != 2 or entities.shape[1] != self.entity_len:
+            raise UserError(
+                f"entity table of shape {tuple(entities.shape)} does not fit "
+                f"{self.entity_len}-token entities"
+            )
+        vocab = self.lm.config.vocab_size
+        if entities.numel() and (int(entities.min()) < 0 or int(entities.max()) >= vocab):
+            raise UserError(f"entity table has token ids outside the vocabulary (size {vocab})")
+        self.entities = entities.to(self.entities.device, torch.int64)
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {"entities": self.entities.cpu()} if self.entities.shape[0] else {}
+
+    def load_checkpoint_extras(self, state: dict[str, Any], train_seq=None) -> None:
+        """The stored table; checkpoints older than `entity_mrr` have none: then the one of
+        the training data, if given."""
+        table = state.get("entities")
+        if table is None and train_seq is not None:
+            table = entity_table(train_seq, self.entity_len)
+        if table is not None:
+            if not isinstance(table, torch.Tensor):
+                raise UserError("the checkpoint's entity table is not a tensor")
+            self.set_entity_table(table)
 
     def step_cost(self, kind: torch.Tensor) -> StepCost:
         """Tokens of the packed pass and analytic FLOPs of one training step (flops.py)."""
@@ -261,6 +305,10 @@ class GPT2Jepa(LossFamily):
             "row_masks", (seg[:, :, None] == seg[:, None, :]) & causal, persistent=False
         )
         self.register_buffer("row_pos", torch.tensor([pos_j, pos_p]), persistent=False)
+        # the entity table of `entity_mrr` (set_entity_table); empty: not computable
+        self.register_buffer(
+            "entities", torch.zeros((0, entity_len), dtype=torch.int64), persistent=False
+        )
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         return self.lm.state_dict()
@@ -426,8 +474,12 @@ class GPT2Jepa(LossFamily):
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate_split(self, split: Split, batch_size: int, per_layer: bool = False) -> dict:
-        """All metrics of one split (metrics.py), float32, eval mode, batches as tensor slices."""
+    def evaluate_split(
+        self, split: Split, batch_size: int, per_layer: bool = False, entity_mrr: bool = False
+    ) -> dict:
+        """All metrics of one split (metrics.py), float32, eval mode, batches as tensor slices.
+        `entity_mrr`: also `entity_mrr` / `entity_acc` (see `entity_rank_counts`; it needs the
+        entity table and costs one extra pass per surviving candidate prefix)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -436,6 +488,8 @@ class GPT2Jepa(LossFamily):
         sums = {"ntp_sum": 0.0, "ntp_count": 0.0, "jepa_sum": 0.0, "jepa_count": 0.0}
         items: dict[str, list[torch.Tensor]] = {}
         layer_items: list[dict[str, list[torch.Tensor]]] = []
+        entity = self.entity_setup(seq) if entity_mrr else None
+        entity_sums = torch.zeros(2, dtype=torch.float64, device=device)  # rr, rank-1 count
         for start in range(0, seq.shape[0], batch_size):
             s, k = seq[start : start + batch_size], kind[start : start + batch_size]
             out = self(s, k, with_logits=True, per_layer=per_layer)
@@ -443,6 +497,13 @@ class GPT2Jepa(LossFamily):
                 sums[name] += float(getattr(out, name))
             for name, value in item_metrics(out.logits, s[:, e + 2 :]).items():
                 items.setdefault(name, []).append(value.cpu())
+            if entity is not None:
+                trie, nodes = entity
+                batch_nodes = [n[start : start + batch_size] for n in nodes]
+                rank = 1 + self.entity_rank_counts(s, out.logits, trie, batch_nodes)
+                entity_sums += torch.stack(
+                    [(1.0 / rank.double()).sum(), (rank == 1).sum().double()]
+                )
             if per_layer:
                 if not layer_items:
                     layer_items = [{} for _ in out.layer_logits]
@@ -453,32 +514,179 @@ class GPT2Jepa(LossFamily):
         objective = self.objective
         ntp = sums["ntp_sum"] / max(sums["ntp_count"], 1.0)
         jepa = sums["jepa_sum"] / sums["jepa_count"] if sums["jepa_count"] else 0.0
+        n = int(seq.shape[0])
         result: dict[str, Any] = {
             "loss": objective.total(ntp, jepa),
             "ntp_loss": ntp,
             "jepa_loss": jepa,
             **summarise(items),
-            "num_samples": int(seq.shape[0]),
+            "num_samples": n,
         }
+        if entity is not None:
+            rr, correct = entity_sums.tolist()
+            result.update(entity_mrr=rr / n, entity_acc=correct / n, num_entities=entity[0].size)
         if per_layer:
             result["per_layer"] = [
                 dict(layer=i, **summarise(store)) for i, store in enumerate(layer_items)
             ]
         return result
 
+    def entity_setup(self, seq: torch.Tensor) -> tuple[EntityTrie, list[torch.Tensor]]:
+        """The entity table's prefix tree, and for every item of the split and every depth
+        d < E the node of its true tail's first d tokens (-1 when no entity starts so)."""
+        if self.entities.shape[0] == 0:
+            raise UserError(
+                "entity_mrr: this gpt2_jepa model has no entity table (a checkpoint without one "
+                "is evaluated with the training data: a data directory with train.json)"
+            )
+        trie = entity_trie(self.entities.to(seq.device))
+        tail = seq[:, self.entity_len + 2 :]
+        root = torch.zeros(seq.shape[0], dtype=torch.long, device=seq.device)
+        nodes = [root] + [row_index(trie.nodes[d], tail[:, :d]) for d in range(1, trie.depth)]
+        return trie, nodes
+
+    def prefix_cache(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's attention keys and values (R, heads, T, d_head) of the rows `ids`
+        (R, T), each a sequence from position 0 (eval mode: no dropout)."""
+        _, cache = self.extend(ids, None)
+        return cache
+
+    def extend(
+        self, ids: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """GPT-2 over the tokens `ids` (R, t) that continue the rows of `cache` (the keys and
+        values of their first T tokens; None: T = 0), attention causal: the output (R, t, d)
+        after the final LayerNorm, and the cache of all T + t tokens. The math of
+        `gpt2_hidden_states` on the whole rows, in eval mode (it never applies dropout)."""
+        tr, cfg = self.lm.transformer, self.model_cfg
+        t, past = ids.shape[1], 0 if cache is None else cache[0][0].shape[2]
+        h = tr.wte(ids)
+        if cfg.position_embeddings:
+            h = h + tr.wpe(torch.arange(past, past + t, device=ids.device))
+        mask = None  # one new token attends to every position
+        if t > 1:
+            col = torch.arange(past + t, device=ids.device)
+            mask = col[None, :] <= past + torch.arange(t, device=ids.device)[:, None]
+        new_cache = []
+        for i, block in enumerate(tr.h):
+            attn = block.attn
+            heads, d = attn.num_heads, h.shape[-1]
+            shape = (h.shape[0], t, heads, d // heads)
+            qkv = attn.c_attn(block.ln_1(h))
+            q, k, v = (x.view(shape).transpose(1, 2) for x in qkv.split(d, dim=2))
+            if cache is not None:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+            new_cache.append((k, v))
+            y = F.scaled_dot_product_attention(q, k, v, mask).transpose(1, 2).reshape(h.shape)
+            h = self.ops.residual_linear_dropout(
+                h, y, attn.c_proj.weight, attn.c_proj.bias, 0.0, False
+            )
+            mlp = block.mlp
+            a = self.ops.linear_gelu(block.ln_2(h), mlp.c_fc.weight, mlp.c_fc.bias)
+            h = self.ops.residual_linear_dropout(
+                h, a, mlp.c_proj.weight, mlp.c_proj.bias, 0.0, False
+            )
+        return tr.ln_f(h), new_cache
+
+    def extension_logprobs(
+        self,
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """(n, V) float32 log-probabilities of the token after [row `rows[i]` of the cache,
+        then `tokens[i]` (n, t >= 1)]."""
+        picked = [(k[rows], v[rows]) for k, v in cache]
+        h, _ = self.extend(tokens, picked)
+        return torch.log_softmax((h[:, -1] @ self.lm.lm_head.weight.T).float(), -1)
+
+    def entity_rank_counts(
+        self,
+        seq: torch.Tensor,
+        logits: torch.Tensor,
+        trie: EntityTrie,
+        target_nodes: list[torch.Tensor],
+        max_rows: int | None = None,
+        prune: bool = True,
+    ) -> torch.Tensor:
+        """For each item of a batch: the number of entities of `trie` whose score is strictly
+        larger than the true tail's (rank = 1 + this). Exact and vectorised.
+
+        score(c) = sum_j log p(c_j | e1 r <mask> c_<j), float32 log-probabilities summed in
+        float64 in token order. The true tail's distributions are the teacher-forced `logits`
+        (B, E, V) of the batch; every other candidate prefix gets one extra pass of
+        the prefix's tokens after the cached keys and values of e1 r <mask> (`extend`), batched
+        over all (item, prefix) pairs, so each (item, prefix) distribution is computed once and
+        shared by all its candidates.
+        Pruning is exact: log-probabilities are <= 0 (also in float), so a prefix whose partial
+        score is not above the tail's cannot have a candidate above it and is not expanded
+        (`prune=False` expands every prefix: the same counts, for tests; `max_rows`: pairs per
+        pass, by default from the vocabulary size and the device).
+        """
+        b, e = seq.shape[0], self.entity_len
+        dev = seq.device
+        tail = seq[:, e + 2 :]
+        cache = self.prefix_cache(seq[:, : e + 2])  # e1 r <mask>, shared by all candidates
+        lp_tail = torch.log_softmax(logits.float(), -1)  # (B, E, V)
+        target = torch.zeros(b, dtype=torch.float64, device=dev)
+        for j in range(e):  # the same float64 additions, in the same order, as the candidates'
+            target = target + lp_tail[:, j].gather(1, tail[:, j : j + 1]).squeeze(1).double()
+        vocab = lp_tail.shape[-1]
+        greater = torch.zeros(b, dtype=torch.long, device=dev)
+        item = torch.arange(b, device=dev)
+        node = torch.zeros(b, dtype=torch.long, device=dev)
+        partial = torch.zeros(b, dtype=torch.float64, device=dev)
+        for d in range(trie.depth):
+            widest = max(1, int(trie.count[d].max()))
+            # pairs per pass: small CPU chunks stay in cache (2,048 was the fastest here),
+            # large GPU ones fill the device; both bound the (rows, V) log-probabilities
+            cap, budget = (16384, 1 << 27) if dev.type == "cuda" else (2048, 1 << 24)
+            rows = max_rows or max(1, min(cap, budget // vocab, (1 << 21) // widest))
+            kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+            for s in range(0, item.numel(), rows):
+                it, nd, pa = item[s : s + rows], node[s : s + rows], partial[s : s + rows]
+                off = nd != target_nodes[d][it]  # not on the tail's own path
+                count = trie.count[d][nd]
+                owner = torch.repeat_interleave(torch.arange(nd.numel(), device=dev), count)
+                first = (count.cumsum(0) - count)[owner]
+                child = trie.start[d][nd][owner] + torch.arange(owner.numel(), device=dev) - first
+                tok = trie.nodes[d + 1][child, d]
+                lp = lp_tail[it[owner], d, tok]  # the tail's path: the batch's own logits
+                if bool(off.any()):
+                    ext = self.extension_logprobs(cache, it[off], trie.nodes[d][nd[off]])
+                    off_child = off[owner]
+                    slot = (off.cumsum(0) - 1)[owner[off_child]]
+                    lp[off_child] = ext[slot, tok[off_child]]
+                score = pa[owner] + lp.double()
+                above = score > target[it[owner]]
+                if d == trie.depth - 1:
+                    greater.index_add_(0, it[owner], above.long())
+                else:
+                    keep = above if prune else torch.ones_like(above)
+                    kept.append((it[owner][keep], child[keep], score[keep]))
+            if d < trie.depth - 1:
+                if not kept:  # no prefix above the tail's score: nothing deeper can be
+                    break
+                item, node, partial = (torch.cat(x) for x in zip(*kept))
+        return greater
+
     @staticmethod
     def format_table(results: dict[str, Any]) -> str:
-        """The evaluation table of a gpt2_jepa result."""
+        """The evaluation table of a gpt2_jepa result (entity columns "-" where not computed)."""
         header = (
             f"{'split':<8} {'NTP loss':>9} {'MRR avg':>8} {'MRR tok1':>9} {'MRR tok2':>9} "
-            f"{'MRR joint':>10} {'joint NLL':>10} {'joint acc':>10}"
+            f"{'MRR joint':>10} {'joint NLL':>10} {'joint acc':>10} {'entity MRR':>11} "
+            f"{'entity acc':>11}"
         )
         lines = [f"step {results['step']}  ({results['checkpoint']})", header, "-" * len(header)]
+        n_entities = None
         for name, m in results["splits"].items():
+            entity = [f"{m[k]:>11.4f}" if k in m else f"{'-':>11}" for k in ENTITY_KEYS]
+            n_entities = m.get("num_entities", n_entities)
             lines.append(
                 f"{name:<8} {m['ntp_loss']:>9.4f} {m['mrr']:>8.4f} {m['mrr_token1']:>9.4f} "
                 f"{m['mrr_token2']:>9.4f} {m['mrr_joint']:>10.4f} {m['joint_nll']:>10.4f} "
-                f"{m['joint_accuracy']:>10.4f}"
+                f"{m['joint_accuracy']:>10.4f} {' '.join(entity)}"
             )
             for layer in m.get("per_layer", []):
                 lines.append(
@@ -494,5 +702,10 @@ class GPT2Jepa(LossFamily):
             lines.append(
                 f"atomic (seen direction) MRR {s['atomic']['mrr']:.4f} vs test (reverse) "
                 f"MRR {s['test']['mrr']:.4f}"
+            )
+        if n_entities:
+            lines.append(
+                f"entity MRR: rank among all {n_entities} entities (chance "
+                f"{chance_mrr(n_entities):.4f})"
             )
         return "\n".join(lines)

@@ -569,8 +569,9 @@ class Trainer:
         ck = run.checkpointer
         if run.dist.main:
             metrics = evaluate_split(
-                run.model, run.dataset.valid[tc.valid_split], tc.eval_batch_size
-            )
+                run.model, run.dataset.valid[tc.valid_split], tc.eval_batch_size,
+                entity_mrr=tc.eval_entity_mrr == "on",
+            )  # fmt: skip
             record = dict(
                 step=self.step,
                 epoch=self.step / run.steps_per_epoch,
@@ -625,6 +626,7 @@ class Trainer:
             "collapse_alarm": self.alarm.state_dict(),
             # only where a W&B run exists: other runs' checkpoints keep their content
             **({"wandb_run_id": w} if (w := self.tracker.wandb_run_id) else {}),
+            **run.model.checkpoint_extras(),  # gpt2_jepa: its entity table (`entities`)
         }
 
     def finish(self) -> None:
