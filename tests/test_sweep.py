@@ -81,14 +81,14 @@ def test_sweep_runs_every_variant_and_seed_to_a_complete_evaluated_run(finished_
     assert len({r["data_dir"] for r in plan["runs"]}) == 1
 
 
-def _expected(out: Path, variant: str, split: str, select: str = "test") -> dict:
+def _expected(out: Path, variant: str, split: str, select: str = "test", metric="mrr") -> dict:
     """Mean and sample std over seeds, from the runs' own eval_all.jsonl."""
     best, last, steps = [], [], []
     for seed in (0, 1):
         records = read_jsonl(out / "runs" / f"{variant}-seed{seed}" / "eval_all.jsonl")
-        top = max(records, key=lambda r: (r["splits"][select]["mrr"], -r["step"]))
-        best.append(top["splits"][split]["mrr"])
-        last.append(max(records, key=lambda r: r["step"])["splits"][split]["mrr"])
+        top = max(records, key=lambda r: (r["splits"][select][metric], -r["step"]))
+        best.append(top["splits"][split][metric])
+        last.append(max(records, key=lambda r: r["step"])["splits"][split][metric])
         steps.append(top["step"])
 
     def stats(v):
@@ -100,7 +100,8 @@ def _expected(out: Path, variant: str, split: str, select: str = "test") -> dict
 
 @pytest.mark.parametrize("select", ["test", "atomic"])
 def test_report_means_and_stds_equal_a_computation_from_eval_all(finished_sweep, select):
-    proc = cli("report", str(finished_sweep), "--format", "json", "--select_split", select)
+    proc = cli("report", str(finished_sweep), "--format", "json", "--select_split", select,
+               "--metric", "mrr")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = {r["group"]: r for r in json.loads(proc.stdout)}
     assert set(rows) == {"ntp", "jepa_cos"}
@@ -115,14 +116,33 @@ def test_report_means_and_stds_equal_a_computation_from_eval_all(finished_sweep,
         assert row["best_step"] == {"mean": sum(steps) / 2, "min": min(steps), "max": max(steps)}
 
 
-def test_report_markdown_csv_and_plot(finished_sweep, tmp_path):
+def test_report_defaults_to_the_entity_metric_with_chance_and_own_metric(finished_sweep, tmp_path):
+    """Every run has entity_mrr (the sweep's evaluation computes it): the table uses it, prints
+    the chance level of the entity table, and keeps the family's own `mrr` beside it."""
+    from revjepa.metrics import chance_mrr
+
     plot = tmp_path / "bands.png"
     proc = cli("report", str(finished_sweep), "--plot", str(plot))
     assert proc.returncode == 0, proc.stderr
     table = proc.stdout
-    assert "| ntp | gpt2_jepa | 2 |" in table and "| jepa_cos | gpt2_jepa | 2 |" in table
-    want = _expected(finished_sweep, "ntp", "test")["best"]
-    assert f"{want[0]:.4f} ± {want[1]:.4f}" in table
+    assert "`entity_mrr` (gpt2_jepa)" in table
+    n = read_jsonl(finished_sweep / "runs/ntp-seed0/eval_all.jsonl")[0]["splits"]["test"]
+    n = n["num_entities"]
+    assert f"{chance_mrr(n):.4f} for N = {n:,}" in table
+    row = next(x for x in table.splitlines() if x.startswith("| ntp |"))
+    want = _expected(finished_sweep, "ntp", "test", metric="entity_mrr")["best"]
+    assert row.startswith("| ntp | gpt2_jepa | 2 |") and f"{want[0]:.4f} ± {want[1]:.4f}" in row
+    rows = {r["group"]: r for r in json.loads(cli("report", str(finished_sweep), "--format",
+                                                  "json").stdout)}  # fmt: skip
+    own = rows["ntp"]["own_test_best"]
+    # the own metric is read at the checkpoints the entity metric picked
+    best_steps = []
+    for seed in (0, 1):
+        records = read_jsonl(finished_sweep / f"runs/ntp-seed{seed}/eval_all.jsonl")
+        top = max(records, key=lambda r: (r["splits"]["test"]["entity_mrr"], -r["step"]))
+        best_steps.append(top["splits"]["test"]["mrr"])
+    assert own["mean"] == pytest.approx(sum(best_steps) / 2, abs=1e-12)
+    assert f"{own['mean']:.4f} ±" in row
     assert plot.stat().st_size > 10_000
     csv_file = tmp_path / "r.csv"
     assert (

@@ -130,6 +130,7 @@ class ConceptJepa(LossFamily):
 
     family = "concept_jepa"
     headline_metric = "concept_mrr_full"  # evaluation metric that picks best_model.pt
+    comparable_metric = "concept_mrr_full"  # already the rank among all entities
 
     @classmethod
     def build(cls, model_cfg, objective, vocab, entity_len, train_seq=None) -> ConceptJepa:

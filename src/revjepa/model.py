@@ -193,6 +193,7 @@ class LossFamily(nn.Module):
 
     family: str
     headline_metric: str
+    comparable_metric: str  # the metric on one scale with every family's (revjepa report)
     ops: StepOps = TORCH_OPS
 
     def checkpoint_extras(self) -> dict[str, Any]:
@@ -232,6 +233,7 @@ class GPT2Jepa(LossFamily):
 
     family = "gpt2_jepa"
     headline_metric = "mrr"  # evaluation metric that picks best_model.pt
+    comparable_metric = "entity_mrr"  # rank among all entities: comparable across families
 
     @classmethod
     def build(cls, model_cfg, objective, vocab, entity_len, train_seq=None) -> GPT2Jepa:

@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import RESUMABLE_OVERRIDES, SPLITS
 from .errors import UserError
+from .metrics import chance_mrr
 from .runlog import RUN_STATE, read_jsonl
 
 REPORT_FORMATS = ("markdown", "csv", "json")
@@ -42,6 +43,7 @@ class Group:
     key: str
     family: str
     metric: str
+    own: str  # the family's own headline metric, shown beside a shared one
     runs: list[RunRecords] = field(default_factory=list)
     label: str = ""
 
@@ -166,15 +168,34 @@ def best_and_last(run: RunRecords, metric: str, select: str) -> tuple[dict, dict
     return best, run.records[-1]
 
 
-def group_runs(runs: list[RunRecords], metric: str | None) -> list[Group]:
+def _has(run: RunRecords, metric: str) -> bool:
+    return any(metric in m for r in run.records for m in r["splits"].values())
+
+
+def choose_metrics(runs: list[RunRecords], metric: str | None) -> tuple[dict[str, str], str]:
+    """Per family, the metric of the table, and how it was chosen: `metric` if given; else the
+    entity-level metric that compares families (`entity_mrr` / `concept_mrr_full`) when every
+    run has it; else each family's headline metric."""
+    from .families import FAMILIES
+
+    families = {r.family for r in runs}
+    if metric is not None:
+        return {f: metric for f in families}, "given"
+    comparable = {f: FAMILIES[f].comparable_metric for f in families}
+    if all(_has(r, comparable[r.family]) for r in runs):
+        return comparable, "entity"
+    return {f: FAMILIES[f].headline_metric for f in families}, "headline"
+
+
+def group_runs(runs: list[RunRecords], metrics: dict[str, str]) -> list[Group]:
     from .families import FAMILIES
 
     groups: dict[str, Group] = {}
     for run in runs:
         key = json.dumps(config_key(run.config), sort_keys=True)
         if key not in groups:
-            name = metric or FAMILIES[run.family].headline_metric
-            groups[key] = Group(key, run.family, name)
+            family = FAMILIES[run.family]
+            groups[key] = Group(key, run.family, metrics[run.family], family.headline_metric)
         groups[key].runs.append(run)
     ordered = list(groups.values())
     varying = _varying_keys([json.loads(g.key) for g in ordered])
@@ -221,13 +242,26 @@ def summarize(groups: list[Group], select_split: str | None) -> list[dict[str, A
                                 "max": max(last["step"] for _, last in picks)}  # fmt: skip
         for split in SPLITS:
             for which, index in (("best", 0), ("last", 1)):
-                values = [_value(p[index], split, g.metric) for p in picks]
-                values = [v for v in values if v is not None]
-                if values:
-                    mean, std = mean_std(values)
-                    row[f"{split}_{which}"] = {"mean": mean, "std": std, "n": len(values)}
+                _put(row, f"{split}_{which}", [_value(p[index], split, g.metric) for p in picks])
+                if g.own != g.metric:  # the family's own metric at the same checkpoints
+                    _put(
+                        row, f"own_{split}_{which}", [_value(p[index], split, g.own) for p in picks]
+                    )
+        row["own_metric"] = g.own
+        sizes = {_value(best, s, "num_entities") for best, _ in picks for s in best["splits"]}
+        sizes.discard(None)
+        if len(sizes) == 1:
+            row["num_entities"] = int(sizes.pop())
+            row["chance"] = chance_mrr(row["num_entities"])
         rows.append(row)
     return rows
+
+
+def _put(row: dict[str, Any], key: str, values: list[float | None]) -> None:
+    values = [v for v in values if v is not None]
+    if values:
+        mean, std = mean_std(values)
+        row[key] = {"mean": mean, "std": std, "n": len(values)}
 
 
 # ----------------------------------------------------------------------------- formats
@@ -240,17 +274,37 @@ def _cell(stat: dict[str, Any] | None) -> str:
     return f"{stat['mean']:.4f} ± {std}"
 
 
-def to_markdown(rows: list[dict[str, Any]], select_split: str | None) -> str:
+_HOW = {
+    "entity": "the entity-level MRR that compares families (rank of the true tail among all N "
+    "entities of the run's table: `entity_mrr` for gpt2_jepa, `concept_mrr_full` for "
+    "concept_jepa)",
+    "headline": "each family's headline metric",
+    "given": "--metric",
+}
+
+
+def _header(rows: list[dict[str, Any]], select_split: str | None, how: str) -> list[str]:
     select = select_split or "each run's --valid_split"
-    metrics = sorted({f"{r['metric']} ({r['family']})" for r in rows})
-    head = [
-        f"Metric: {', '.join(metrics)}. Best = the checkpoint with the highest metric on "
+    metrics = ", ".join(sorted({f"`{r['metric']}` ({r['family']})" for r in rows}))
+    lines = [
+        f"Metric: {metrics}: {_HOW[how]}. Best = the checkpoint with the highest metric on "
         f"{select} (per run; the earliest on ties); last = the run's last evaluated checkpoint. "
-        "Mean ± sample std (n − 1) over seeds.",
-        "",
+        "Mean ± sample std (n − 1) over seeds."
     ]
+    chances = sorted({(r["num_entities"], r["chance"]) for r in rows if "chance" in r})
+    if chances and how == "entity":
+        parts = [f"{c:.4f} for N = {n:,}" for n, c in chances]
+        lines.append(f"Chance (uniformly random ranking, H_N / N ≈ ln N / N): {'; '.join(parts)}.")
+    if any("own_test_best" in r for r in rows):
+        lines.append("own = the family's own headline metric at the same best checkpoint.")
+    return [" ".join(lines), ""]
+
+
+def to_markdown(rows: list[dict[str, Any]], select_split: str | None, how: str) -> str:
+    own = any("own_test_best" in r for r in rows)
     cols = ["group", "family", "n", "best step (mean, min–max)"]
     cols += [f"{s} {w}" for s in ("test", "atomic", "train") for w in ("best", "last")]
+    cols += ["own metric", "own test best", "own atomic best"] if own else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         b = r.get("best_step")
@@ -260,13 +314,17 @@ def to_markdown(rows: list[dict[str, Any]], select_split: str | None) -> str:
         cells += [
             _cell(r.get(f"{s}_{w}")) for s in ("test", "atomic", "train") for w in ("best", "last")
         ]
+        if own:
+            same = "own_test_best" not in r  # its own metric is the table's
+            cells += [f"`{r['own_metric']}`", *(["(same)"] * 2 if same else
+                      [_cell(r.get("own_test_best")), _cell(r.get("own_atomic_best"))])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     if any(r["in_progress"] for r in rows):
         lines += [
             "",
             "\\* in progress: not every run has finished and been evaluated on all splits.",
         ]
-    return "\n".join(head + lines) + "\n"
+    return "\n".join(_header(rows, select_split, how) + lines) + "\n"
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -296,17 +354,20 @@ def report(
     if select_split is not None and select_split not in SPLITS:
         raise UserError(f"--select_split must be one of {', '.join(SPLITS)}, got {select_split!r}")
     runs = [load_run(p) for p in find_runs(dirs)]
-    groups = group_runs(runs, metric)
+    metrics, how = choose_metrics(runs, metric)
+    groups = group_runs(runs, metrics)
     rows = summarize(groups, select_split)
     if not any(r["n"] for r in rows):
-        raise UserError(f"no run has an evaluation with the metric {metric or 'headline'}")
+        raise UserError(
+            f"no run has an evaluation with the metric {', '.join(set(metrics.values()))}"
+        )
     if plot:
         plot_groups(groups, Path(plot))
     if fmt == "json":
         return json.dumps(rows, indent=2, allow_nan=True) + "\n"
     if fmt == "csv":
         return to_csv(rows)
-    return to_markdown(rows, select_split)
+    return to_markdown(rows, select_split, how)
 
 
 def plot_groups(groups: list[Group], out: Path) -> None:
