@@ -279,7 +279,7 @@ _HOW = {
     "entities of the run's table: `entity_mrr` for gpt2_jepa, `concept_mrr_full` for "
     "concept_jepa)",
     "headline": "each family's headline metric",
-    "given": "--metric",
+    "given": "chosen with --metric",
 }
 
 
