@@ -31,6 +31,7 @@ from .evaluate import evaluate_split
 from .families import build_model
 from .flops import peak_flops
 from .model import collapse_signal
+from .ops import step_ops
 from .runlog import RunLock, append_jsonl, truncate_jsonl, write_run_state
 from .schedule import lr_multiplier, should_eval
 from .step import StepContext, StepResult, make_optimizer, resolve_precision, train_step
@@ -258,7 +259,8 @@ def setup_run(
         lock = RunLock(output_dir)
         write_run_state(output_dir, "running", start_step, max_steps, None)
     setup_logging(output_dir if d.main else None, d.main)
-    setup_cpu_kernels(model, tc.cpu_kernels, device, use_compile, d, log.warning)  # once, here
+    model.ops = step_ops(device, use_compile)  # once, here: plain torch ops by default
+    setup_cpu_kernels(model, tc.cpu_kernels, device, use_compile, d, log.warning)
     precision = resolve_precision(tc.precision, device, log.warning)
     if tc.max_steps is not None and tc.num_epochs is not None:
         log.info(f"--max_steps {tc.max_steps} given: it wins over --num_epochs {tc.num_epochs}")
