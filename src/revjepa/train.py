@@ -95,6 +95,13 @@ def setup_logging(output_dir: Path | None, main: bool) -> None:
         log.addHandler(fh)
 
 
+def close_logging() -> None:
+    """Close and remove the handlers of `setup_logging` (the end of a run)."""
+    for handler in list(log.handlers):
+        handler.close()
+        log.removeHandler(handler)
+
+
 # ----------------------------------------------------------------------------- run set-up
 
 
@@ -191,9 +198,7 @@ def train(
         return _setup_and_fit(config, state, resume_path, d, resume_from, preempt)
     finally:
         preempt.restore()
-        for handler in list(log.handlers):
-            handler.close()
-            log.removeHandler(handler)
+        close_logging()
         d.close()
 
 
