@@ -19,7 +19,8 @@ on the machine's compiler:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,6 +56,16 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p, training=True)
 
 
+def plain_residual_dropout(
+    h: torch.Tensor, y: torch.Tensor, p: float, training: bool
+) -> torch.Tensor:
+    """`h + dropout(y, p)`."""
+    return h + dropout(y, p, training)
+
+
+ResidualDropout = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
+
+
 def residual_linear_dropout(
     h: torch.Tensor,
     x: torch.Tensor,
@@ -62,11 +73,12 @@ def residual_linear_dropout(
     bias: torch.Tensor,
     p: float,
     training: bool,
+    add: ResidualDropout = plain_residual_dropout,
 ) -> torch.Tensor:
     """`h + F.dropout(x @ weight + bias, p)`: a residual branch through GPT-2's c_proj (an HF
-    Conv1D with its (in, out) weight)."""
+    Conv1D with its (in, out) weight); `add` is the residual add with dropout."""
     y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(h.shape)
-    return h + dropout(y, p, training)
+    return add(h, y, p, training)
 
 
 def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -135,19 +147,6 @@ def residual_dropout(
         return h + F.dropout(y, p, training=True)
     keep, scale = keep_mask(y, p, y.dtype, draw)
     return torch.addcmul(h, y, keep, value=scale)
-
-
-def residual_linear_masked_dropout(
-    h: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    p: float,
-    training: bool,
-) -> torch.Tensor:
-    """`residual_linear_dropout` with the dropout of `residual_dropout`."""
-    y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(h.shape)
-    return residual_dropout(h, y, p, training)
 
 
 def saved_once(ctx: Any, what: str) -> tuple[torch.Tensor, ...]:
@@ -343,11 +342,11 @@ TORCH_OPS = StepOps(
     tied_head=TiedHead,
 )
 
-EAGER_CPU_OPS = StepOps(
+# torch's attention and c_fc + GELU, the rest with fewer passes over memory
+EAGER_CPU_OPS = replace(
+    TORCH_OPS,
     name="torch_eager_cpu",
-    attention=attention,
-    linear_gelu=linear_gelu,
-    residual_linear_dropout=residual_linear_masked_dropout,
+    residual_linear_dropout=partial(residual_linear_dropout, add=residual_dropout),
     dropout=masked_dropout,
     cross_entropy_sum=softmax_cross_entropy_sum,
     tied_head=TiedLMHead,
