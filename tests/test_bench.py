@@ -8,9 +8,9 @@ import math
 import torch
 
 import revjepa.cpu.kernels as cpu_kernels
-from revjepa.bench import batch_shape, train_step_flops
 from revjepa.cli import main
 from revjepa.data import KIND_ID
+from revjepa.flops import batch_shape, train_step_flops
 
 
 def _positive(x) -> bool:

@@ -17,6 +17,7 @@ import revjepa.cpu.fastpath as fastpath
 import revjepa.cpu.kernels as cpu_kernels
 from revjepa.cpu.fastpath import TiedLMHead, attention, linear_gelu, residual_linear_dropout
 from revjepa.cpu.hostmem import tune_glibc_malloc
+from revjepa.ops import keep_threshold
 
 needs_kernels = pytest.mark.skipif(
     cpu_kernels.library() is None, reason="no C compiler: the kernels could not be built"
@@ -117,7 +118,7 @@ def test_residual_linear_dropout_matches_float64_with_the_same_draw(p, training)
     keep = torch.ones(35, 24, dtype=torch.float64)
     if p > 0 and training:
         torch.manual_seed(9)  # the mask is the kernel's first draw
-        threshold, scale = fastpath._keep_threshold(p)
+        threshold, scale = keep_threshold(p)
         keep = (fastpath._uniform16((35, 24)) < threshold).double() * scale
         assert 0.6 < (keep > 0).double().mean().item() < 0.8
     h64, x64, w64, b64 = (t.detach().double().requires_grad_() for t in leaves)
@@ -172,7 +173,7 @@ def test_attention_matches_float64_reference_with_the_same_dropout_draw(p):
     keep = None
     if p > 0:
         torch.manual_seed(5)  # the kernel's draw is the first use of the generator
-        threshold, scale = fastpath._keep_threshold(p)
+        threshold, scale = keep_threshold(p)
         keep = (fastpath._uniform16((rows, heads, t, t)) < threshold).double() * scale
         share = (keep > 0).double().mean().item()
         assert abs(share - (1 - p)) < 0.02

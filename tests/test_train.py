@@ -16,6 +16,7 @@ from revjepa.checkpoint import load_checkpoint, save_checkpoint
 from revjepa.cli import main
 from revjepa.data import KIND_ID, GenConfig, generate, write_generated
 from revjepa.errors import UserError
+from revjepa.ops import TORCH_OPS
 from revjepa.schedule import checkpoint_steps, lr_multiplier, should_save
 
 REPO = Path(__file__).resolve().parents[1]
@@ -422,6 +423,10 @@ def test_compile_probe_leaves_no_trace_and_falls_back_to_eager(
         return made[-1]
 
     monkeypatch.setattr(train_mod, "compile_model", fake_compile)
+    # both runs with the ops a compiled model gets (torch's plain ops; --compile off would
+    # give the eager CPU ops, whose dropout masks are another draw): the probe is the only
+    # difference left
+    monkeypatch.setattr(train_mod, "step_ops", lambda device, compiled: TORCH_OPS)
     # no clipping: clipped gradients would hide a leftover probe gradient (2g clips like g)
     common = ("--max_steps", "12", "--max_grad_norm", "0")
     assert run_train(data_dir, tmp_path / "off", *common, "--compile", "off") == 0

@@ -24,9 +24,10 @@ TINY = [
 ]
 # The first six losses of the run below (dropout 0), written by main before the trainer was
 # split into setup_run / Trainer and before the CPU fast paths became the --cpu_kernels opt-in
-# (3c7762f, REVJEPA_CPU_KERNELS=0, one thread). The default path now runs plain torch ops,
-# whose float order differs (the losses agree to ~1e-7), and another CPU or BLAS rounds
-# differently too: a tolerance, not equality (README: what is bit-for-bit).
+# (3c7762f, REVJEPA_CPU_KERNELS=0, one thread). The default eager CPU ops compute what that
+# step computed (a 6-step run of the 2026-12-02 tree wrote a checkpoint bit-identical to
+# bebbc59's), but another CPU or BLAS rounds differently: a tolerance, not equality
+# (README: what is bit-for-bit).
 GOLDEN_LOSSES = [
     5.245073556900024,
     4.614336431026459,

@@ -1,21 +1,26 @@
 """`revjepa bench`: training, evaluation, data and memory figures of this machine.
 
-Every timed figure is the median of `repeats` timed repeats, each of several steps, after a
-warm-up. Training uses the real `train_step` (fused AdamW from `param_groups`, a disabled
-GradScaler, batches indexed from the data tensors exactly like the trainer), so a change to the
-model or the trainer shows up here. FLOPs are counted analytically (`train_step_flops`) and set
-against the measured throughput of one large square matmul in the same precision: that ratio is
-the headline figure (how much of the machine's matmul speed the training step turns into useful
-work).
+A thin driver. Every training figure is a real run: `train.setup_run` builds it from a run
+configuration (the bench's size, precision, compile variant and `--cpu_kernels`), and its
+`Trainer` takes the steps (`Trainer.train_one_step`: the trainer's batches, learning rate,
+`train_step` and FLOPs accounting), so a change to the model or the trainer shows up here.
+The bench times those steps in repeats, and sets them against the measured throughput of one
+large square matmul in the same precision (`flops.matmul_rates`): that ratio is the headline
+figure (how much of the machine's matmul speed the training step turns into useful work).
+FLOPs and tokens per step are the model family's own estimate (`step_cost`, as in the log's
+MFU).
 
-float32 and bf16 training repeats are interleaved (same batches, same machine load) and the
-bf16 speed-up is the median of the per-repeat ratios. CPU training is measured twice: the
-default step (torch ops), then, where the C kernels build here, the step of `--cpu_kernels on`
-(its fused ops and its glibc malloc settings, which are process-wide: so they come after every
-figure of the default step, and their speed-up over it is a ratio of medians, not paired). The machine may be shared: each training
-figure carries its CPU share (process CPU seconds / (wall seconds x torch threads), ~1 on an idle
-machine) and the best repeat besides the median, the load average before and after is recorded,
-and the table warns when the CPU share says other work took the cores.
+Every timed figure is the median of `repeats` timed repeats, each of several steps, after a
+warm-up. On a machine with CUDA the GPU figures come first (bench and table). float32 and
+bf16 CPU training repeats are interleaved (same batches, same machine load) and the bf16
+speed-up is the median of the per-repeat ratios. CPU training is measured twice: the default
+step, then, where the C kernels build here, the step of `--cpu_kernels on` (its fused ops and
+its glibc malloc settings, which are process-wide: so they come after every figure of the
+default step, and their speed-up over it is a ratio of medians, not paired). The machine may
+be shared: each training figure carries its CPU share (process CPU seconds / (wall seconds x
+torch threads), ~1 on an idle machine) and the best repeat besides the median, the load
+average before and after is recorded, and the table warns when the CPU share says other work
+took the cores.
 """
 
 from __future__ import annotations
@@ -38,25 +43,17 @@ from typing import Any
 
 import torch
 
-from .compiled import compile_model
-from .config import RunConfig
-from .cpu import KernelsUnavailable, kernels, use_cpu_kernels, uses_cpu_kernels
+from .config import RunConfig, resolve_config
+from .cpu import KernelsUnavailable, kernels, uses_cpu_kernels
 from .cpu.hostmem import tune_glibc_malloc
-from .data import (
-    KIND_ID,
-    BatchSampler,
-    GenConfig,
-    Split,
-    generate,
-    load_dataset,
-    write_generated,
-)
+from .data import KIND_ID, Dataset, GenConfig, Split, generate, load_dataset, write_generated
+from .distributed import Dist
 from .errors import UserError, one_line
 from .evaluate import evaluate_split
 from .families import build_model
-from .flops import batch_shape, train_step_flops
-from .step import StepContext, cpu_has_bf16, make_optimizer, resolve_precision, train_step
-from .train import steps_per_epoch
+from .flops import batch_shape, matmul_rates
+from .step import cpu_has_bf16, resolve_precision
+from .train import Preemption, Trainer, close_logging, setup_run
 
 # ----------------------------------------------------------------------------- sizes
 
@@ -121,7 +118,7 @@ QUICK = BenchSizes(
 )
 
 
-# ----------------------------------------------------------------------------- analytic counts
+# ----------------------------------------------------------------------------- configuration
 
 
 def model_config(size: ModelSize) -> RunConfig:
@@ -176,138 +173,127 @@ def _peak_rss_mib() -> float:
 # ----------------------------------------------------------------------------- training
 
 
-class TrainBench:
-    """`train_step` at one size and precision, timed in repeats that can be interleaved with
-    another TrainBench's (so that two precisions see the same machine load, repeat by repeat).
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training figure: a model size, precision, device and step variant."""
 
-    Step i always trains on the trainer's batch of step i (seeded epoch permutation, tensor
-    index into the data on the device), so two benches see identical batches.
-    """
+    size: ModelSize
+    precision: str
+    device: torch.device
+    variant: str = "eager"
+    cpu_kernels: bool = False
+
+
+def run_config(spec: TrainSpec, data_dir: Path, out_dir: Path, max_steps: int) -> RunConfig:
+    """The run configuration of a TrainSpec: the default run at the spec's size, no
+    evaluation, checkpoint or log record within `max_steps`."""
+    if spec.variant not in STEP_VARIANTS:
+        raise ValueError(f"unknown step variant {spec.variant!r}")
+    cfg = model_config(spec.size)
+    tc = cfg.train
+    tc.data_dir, tc.output_dir, tc.max_steps = str(data_dir), str(out_dir), max_steps
+    tc.device, tc.precision = spec.device.type, spec.precision
+    tc.compile = "off" if spec.variant == "eager" else "on"
+    tc.cuda_graphs = "on" if spec.variant == "graphs" else "off"
+    tc.cpu_kernels = "on" if spec.cpu_kernels else "off"
+    tc.eval_steps = tc.log_interval = tc.save_steps = max_steps + 1
+    tc.save_step_dense = 0
+    return resolve_config(cfg, {}, None, None, None, 1)
+
+
+class TrainBench:
+    """A real run (`setup_run`) whose `Trainer` takes the steps, timed in repeats that can be
+    interleaved with another TrainBench's (so that two precisions see the same machine load,
+    repeat by repeat). Step i is the trainer's step i: two benches see identical batches."""
 
     def __init__(
-        self,
-        seq_all: torch.Tensor,
-        kind_all: torch.Tensor,
-        vocab,
-        entity_len: int,
-        size: ModelSize,
-        precision: str,
-        device: torch.device,
-        steps: int,
-        variant: str = "eager",
-        cpu_kernels: bool = False,
+        self, spec: TrainSpec, data_dir: Path, out_dir: Path, steps: int, max_steps: int
     ) -> None:
-        cfg = model_config(size)
-        self.tc, self.oc = cfg.train, cfg.objective
-        self.size, self.precision, self.device = size, precision, device
-        self.steps, self.variant = steps, variant
-        torch.manual_seed(self.tc.seed)
-        self.model = build_model(cfg.model, self.oc, vocab, entity_len).to(device)
-        self.model.train()
-        if cpu_kernels:  # the swap of `--cpu_kernels on` (eager CPU steps only)
-            if variant != "eager" or device.type != "cpu":
-                raise ValueError("the CPU kernels are for eager CPU steps")
-            use_cpu_kernels(self.model)
-        optimizer = make_optimizer(self.model, self.tc.learning_rate, self.tc.weight_decay)
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        run_model: torch.nn.Module = self.model
-        if variant not in STEP_VARIANTS:
-            raise ValueError(f"unknown step variant {variant!r}")
-        if variant != "eager":
-            run_model = compile_model(self.model, cuda_graphs=variant == "graphs")
-        self.ctx = StepContext(
-            run_model, optimizer, scaler, params, self.oc, precision, device, 1,
-            self.tc.max_grad_norm,
-        )  # fmt: skip
-        n, batch = int(seq_all.shape[0]), self.tc.batch_size
-        self.batch = batch
-        self.sampler = BatchSampler(
-            Split(seq_all, kind_all.cpu()), seed=self.tc.seed, batch_size=batch, rank=0, world=1,
-            steps_per_epoch=steps_per_epoch(n, batch, "bench data"), loss_dropout=0.0,
-            device=device,
-        )  # fmt: skip
-        self.vocab_size, self.entity_len = vocab.size, entity_len
-        self.seq_len = int(seq_all.shape[1])
-        self.step = 0
+        run = setup_run(run_config(spec, data_dir, out_dir, max_steps), None, None, Dist(), None)
+        if run is None:  # a fresh output directory always has steps to run
+            raise RuntimeError("bench: the run had nothing to do")
+        self.spec, self.run, self.steps = spec, run, steps
+        # the compile probe of setup_run falls back to the eager model when compiling fails
+        self.fell_back = spec.variant != "eager" and run.ctx.run_model is run.model
+        self.preempt = Preemption()
+        self.trainer = Trainer(run, self.preempt)
+        if self.trainer.progress is not None:  # no progress bar inside the bench
+            self.trainer.progress.close()
+            self.trainer.progress = None
         self.warmup_steps, self.warmup_seconds = 0, 0.0
         self.seconds: list[float] = []
         self.shapes: list[tuple[int, int, int]] = []  # (rows, row_len, scored) of timed steps
+        self.costs: list[tuple[int, float]] = []  # (tokens, FLOPs) of timed steps
         self.cpu_seconds, self.wall_seconds = 0.0, 0.0
         self.res = None
 
-    def _shape(self, step: int) -> tuple[int, int, int]:
-        oc = self.oc
-        kinds = self.sampler.batch(step).kind
-        return batch_shape(kinds, self.seq_len, self.entity_len, oc.jepa_active, oc.k_pred_tok)
-
-    def _run(self, step: int) -> None:
-        # the trainer's batch: sequences indexed on the device, kinds on the host
-        self.res = train_step(self.ctx, self.sampler.batch(step), self.tc.learning_rate)
+    def _steps(self, n: int) -> float:
+        """Wall seconds of the trainer's next n steps."""
+        device = self.run.device
+        sync_device(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.res = self.trainer.train_one_step()
+        sync_device(device)
+        return time.perf_counter() - t0
 
     def warm(self, steps: int) -> None:
-        sync_device(self.device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self._run(self.step)
-            self.step += 1
-        sync_device(self.device)
+        self.warmup_seconds += self._steps(steps)
         self.warmup_steps += steps
-        self.warmup_seconds += time.perf_counter() - t0
 
     def repeat(self) -> None:
-        """One timed repeat of `steps` steps (shapes are computed before the clock starts)."""
-        self.shapes += [self._shape(s) for s in range(self.step, self.step + self.steps)]
-        sync_device(self.device)
-        c0, t0 = time.process_time(), time.perf_counter()
-        for _ in range(self.steps):
-            self._run(self.step)
-            self.step += 1
-        sync_device(self.device)
-        dt = time.perf_counter() - t0
+        """One timed repeat (the batches' shapes and costs are computed before the clock)."""
+        run, oc = self.run, self.run.config.objective
+        for step in range(self.trainer.step, self.trainer.step + self.steps):
+            kind = run.sampler.batch(step).kind
+            e = run.dataset.entity_len
+            self.shapes.append(batch_shape(kind, 2 * e + 2, e, oc.jepa_active, oc.k_pred_tok))
+            cost = run.model.step_cost(kind)
+            self.costs.append((cost.tokens, cost.flops))
+        c0 = time.process_time()
+        dt = self._steps(self.steps)
         self.seconds.append(dt)
         self.cpu_seconds += time.process_time() - c0
         self.wall_seconds += dt
 
+    def close(self) -> None:
+        self.preempt.restore()
+
     def result(self) -> dict[str, Any]:
+        """The figures of the timed repeats."""
         if not self.seconds or self.res is None:
             raise ValueError("no timed repeat")
         loss = float(self.res.loss)
         if not math.isfinite(loss):
-            raise UserError(f"bench: non-finite training loss {loss} ({self.precision})")
-        size, k = self.size, self.steps
-        flops = [
-            train_step_flops(size.n_layer, size.n_embd, r, t, s, self.vocab_size)
-            for r, t, s in self.shapes
-        ]
-        tokens = [r * t for r, t, _ in self.shapes]
-        rates: dict[str, list[float]] = {"steps": [], "tokens": [], "items": [], "flops": []}
+            raise UserError(f"bench: non-finite training loss {loss} ({self.spec.precision})")
+        k, n, batch = self.steps, len(self.shapes), self.run.config.train.batch_size
+        rates: dict[str, list[float]] = {"steps": [], "tokens": [], "flops": []}
         for i, dt in enumerate(self.seconds):
+            window = self.costs[i * k : (i + 1) * k]
             rates["steps"].append(k / dt)
-            rates["tokens"].append(sum(tokens[i * k : (i + 1) * k]) / dt)
-            rates["items"].append(k * self.batch / dt)
-            rates["flops"].append(sum(flops[i * k : (i + 1) * k]) / dt)
-        n = len(self.shapes)
+            rates["tokens"].append(sum(t for t, _ in window) / dt)
+            rates["flops"].append(sum(f for _, f in window) / dt)
+        steps_per_s = _median(rates["steps"])
         return {
-            "precision": self.precision,
-            "device": str(self.device),
-            "variant": self.variant,
-            "cpu_kernels": uses_cpu_kernels(self.model),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "batch_size": self.batch,
+            "precision": self.run.ctx.precision,
+            "device": str(self.run.device),
+            "variant": self.spec.variant,
+            "cpu_kernels": uses_cpu_kernels(self.run.model),
+            "parameters": sum(p.numel() for p in self.run.model.parameters()),
+            "batch_size": batch,
             "rows_per_step": sum(r for r, _, _ in self.shapes) / n,
             "row_len": self.shapes[0][1],
             "scored_per_step": self.shapes[0][2],
-            "tokens_per_step": sum(tokens) / n,
-            "flops_per_step": sum(flops) / n,
+            "tokens_per_step": sum(t for t, _ in self.costs) / n,
+            "flops_per_step": sum(f for _, f in self.costs) / n,
             "warmup_steps": self.warmup_steps,
             "warmup_seconds": self.warmup_seconds,
             "steps_per_repeat": k,
             "repeat_seconds": self.seconds,
-            "steps_per_s": _median(rates["steps"]),
-            "seconds_per_step": 1.0 / _median(rates["steps"]),
+            "steps_per_s": steps_per_s,
+            "seconds_per_step": 1.0 / steps_per_s,
             "tokens_per_s": _median(rates["tokens"]),
-            "items_per_s": _median(rates["items"]),
+            "items_per_s": steps_per_s * batch,
             "achieved_flops_per_s": _median(rates["flops"]),
             "best_steps_per_s": max(rates["steps"]),
             "best_achieved_flops_per_s": max(rates["flops"]),
@@ -317,30 +303,33 @@ class TrainBench:
 
 
 def bench_train(
-    seq_all: torch.Tensor,
-    kind_all: torch.Tensor,
-    vocab,
-    entity_len: int,
-    runs: list[tuple[ModelSize, str, torch.device, str]],
-    repeats: int,
-    warmup: int,
-    steps: int,
-    cpu_kernels: bool = False,
+    data_dir: Path, specs: list[TrainSpec], repeats: int, warmup: int, steps: int
 ) -> list[dict[str, Any]]:
-    """Time `train_step` for each (size, precision, device, variant); repeats interleaved.
-    `cpu_kernels`: every model with the fused CPU ops of `--cpu_kernels on`."""
-    benches = [
-        TrainBench(
-            seq_all, kind_all, vocab, entity_len, size, prec, dev, steps, variant, cpu_kernels
-        )
-        for size, prec, dev, variant in runs
-    ]
-    for b in benches:
-        b.warm(warmup)
-    for _ in range(repeats):
+    """Time the trainer's steps of a run per spec; repeats interleaved across the specs. A
+    compiled variant whose compile probe fell back to eager is {"skipped": why}."""
+    work = Path(tempfile.mkdtemp(prefix="revjepa-bench-runs-"))
+    benches: list[TrainBench] = []
+    try:
+        for i, spec in enumerate(specs):
+            benches.append(
+                TrainBench(spec, data_dir, work / f"run{i}", steps, warmup + repeats * steps)
+            )
         for b in benches:
-            b.repeat()
-    return [b.result() for b in benches]
+            b.warm(warmup)
+        for _ in range(repeats):
+            for b in benches:
+                b.repeat()
+        return [
+            {"skipped": "the torch.compile probe failed: the trainer fell back to eager"}
+            if b.fell_back
+            else b.result()
+            for b in benches
+        ]
+    finally:
+        for b in reversed(benches):  # each gives back the signal handlers it found
+            b.close()
+        close_logging()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def paired_speedup(slow: dict[str, Any], fast: dict[str, Any]) -> float:
@@ -354,22 +343,8 @@ def paired_speedup(slow: dict[str, Any], fast: dict[str, Any]) -> float:
 def bench_matmul(
     n: int, dtype: torch.dtype, device: torch.device, repeats: int, iters: int
 ) -> dict[str, Any]:
-    """Median FLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs) in `dtype`."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        torch.mm(a, b, out=out)
-    sync_device(device)
-    rates = []
-    for _ in range(repeats):
-        sync_device(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            torch.mm(a, b, out=out)
-        sync_device(device)
-        rates.append(2.0 * n**3 * iters / (time.perf_counter() - t0))
+    """Median FLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs) in `dtype` (flops.py)."""
+    rates = matmul_rates(device, dtype, n, repeats, iters)
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops_per_s": _median(rates)}
 
 
@@ -414,8 +389,12 @@ def bench_step_gemms(
     }
 
 
+def _cpu_specs(size: ModelSize, wanted: list[str], cpu_kernels: bool = False) -> list[TrainSpec]:
+    return [TrainSpec(size, p, torch.device("cpu"), "eager", cpu_kernels) for p in wanted]
+
+
 def bench_cpu_kernels(
-    ds, sizes: BenchSizes, wanted: list[str], train_cpu, matmul_cpu, repeats: int
+    data_dir: Path, sizes: BenchSizes, wanted: list[str], train_cpu, matmul_cpu, repeats: int
 ) -> tuple[dict[str, Any], str | None]:
     """The CPU training figures of `--cpu_kernels on` (fused ops + glibc malloc settings) and
     the library's file name; ({"skipped": why}, None) where the kernels do not build here."""
@@ -423,19 +402,15 @@ def bench_cpu_kernels(
         lib = kernels.load()
     except KernelsUnavailable as exc:
         return {"skipped": str(exc)}, None
-    tuned = tune_glibc_malloc()
     _log(f"bench: training steps, cpu {' and '.join(wanted)}, --cpu_kernels on")
     measured = bench_train(
-        ds.train.seq,
-        ds.train.kind,
-        ds.vocab,
-        ds.entity_len,
-        [(sizes.cpu_model, p, torch.device("cpu"), "eager") for p in wanted],
+        data_dir,
+        _cpu_specs(sizes.cpu_model, wanted, cpu_kernels=True),
         repeats,
         sizes.warmup_steps,
         sizes.steps_per_repeat,
-        cpu_kernels=True,
     )
+    tuned = tune_glibc_malloc()  # already applied by the runs' set-up: whether it took effect
     out: dict[str, Any] = {p: train_cpu[p] for p in ("fp32", "bf16") if p not in wanted}
     for precision, tr in zip(wanted, measured):
         tr["glibc_malloc_tuned"] = tuned
@@ -547,39 +522,22 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
-    """Run every measurement, print a table, write the JSON results to `output`; return them."""
-    if repeats < 1:
-        raise UserError("--repeats must be >= 1")
-    if output.is_dir():
-        raise UserError(f"--output {output} is a directory")
-    sizes = QUICK if quick else FULL
-    cpu = torch.device("cpu")
-    load_start = _loadavg()
-    wall_start = time.perf_counter()
-    results: dict[str, Any] = {}
-
-    # ---- data: generate in memory, write, load exactly like the trainer
+def bench_data(sizes: BenchSizes, data_dir: Path) -> tuple[Dataset, dict[str, Any]]:
+    """Generate the dataset in memory, write it to `data_dir`, load it like the trainer; the
+    data figures and the memory probes of loading it (subprocesses)."""
     _log("bench: generating the dataset")
     t0 = time.perf_counter()
     gen = generate(sizes.gen)
     gen_seconds = time.perf_counter() - t0
-    tmp = Path(tempfile.mkdtemp(prefix="revjepa-bench-"))
-    try:
-        t0 = time.perf_counter()
-        written = write_generated(gen, tmp)
-        write_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ds = load_dataset(tmp)
-        load_seconds = time.perf_counter() - t0
-        _log("bench: measuring the memory of loading (subprocesses)")
-        rss_load = load_rss(tmp, "load_dataset")
-        rss_json = load_rss(tmp, "json")
-        train_json_mib = written["train.json"].stat().st_size / 2**20
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    written = write_generated(gen, data_dir)
+    write_seconds = time.perf_counter() - t0
     del gen
-    results["data"] = {
+    t0 = time.perf_counter()
+    ds = load_dataset(data_dir)
+    load_seconds = time.perf_counter() - t0
+    _log("bench: measuring the memory of loading (subprocesses)")
+    data = {
         "gen_config": asdict(sizes.gen),
         "train_items": len(ds.train),
         "train_kind_train_share": float((ds.train.kind == KIND_ID["train"]).float().mean()),
@@ -587,130 +545,151 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         "gen_seconds": gen_seconds,
         "write_seconds": write_seconds,
         "load_seconds": load_seconds,
-        "train_json_mib": train_json_mib,
+        "train_json_mib": written["train.json"].stat().st_size / 2**20,
+        "rss": {
+            "load_dataset": load_rss(data_dir, "load_dataset"),
+            "json": load_rss(data_dir, "json"),
+        },
     }
+    return ds, data
 
-    # ---- training on the CPU, float32 and bf16 (repeats interleaved)
-    train_cpu: dict[str, Any] = {}
-    notices: list[str] = []
-    wanted = []
+
+def bench_gpu(data_dir: Path, sizes: BenchSizes, repeats: int) -> dict[str, Any]:
+    """The seed's configuration on the GPU, each step variant a real run (bf16 where the GPU
+    has it), and the GPU's matmul throughput."""
+    if not torch.cuda.is_available():
+        return {"skipped": "CUDA not available"}
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    out: dict[str, Any] = {"device_name": torch.cuda.get_device_name(gpu)}
+    precision = resolve_precision("bf16", gpu, lambda _m: None)
+    for variant in STEP_VARIANTS:
+        _log(f"bench: training steps, gpu {precision} {variant}")
+        spec = TrainSpec(sizes.gpu_model, precision, gpu, variant)
+        try:
+            (out[variant],) = bench_train(
+                data_dir, [spec], repeats, sizes.gpu_warmup_steps, sizes.gpu_steps_per_repeat
+            )
+        except Exception as exc:  # compile support varies by platform
+            if variant == "eager":
+                raise
+            out[variant] = {"skipped": one_line(exc, 300)}
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    out["matmul"] = bench_matmul(sizes.gpu_matmul_n, dtype, gpu, repeats, 10)
+    for variant in STEP_VARIANTS:
+        tr = out[variant]
+        if "skipped" not in tr:
+            tr["fraction_of_matmul"] = tr["achieved_flops_per_s"] / out["matmul"]["flops_per_s"]
+    out["peak_allocated_mib"] = torch.cuda.max_memory_allocated(gpu) / 2**20
+    return out
+
+
+def _wanted_precisions() -> tuple[list[str], dict[str, Any]]:
+    """The CPU precisions this machine trains in, and {precision: {"skipped": why}} for the rest."""
+    wanted, skipped, notices = [], {}, []
     for precision in ("fp32", "bf16"):
-        if resolve_precision(precision, cpu, notices.append) != precision:
-            train_cpu[precision] = {"skipped": notices[-1] if notices else "unsupported"}
+        if resolve_precision(precision, torch.device("cpu"), notices.append) != precision:
+            skipped[precision] = {"skipped": notices[-1] if notices else "unsupported"}
         else:
             wanted.append(precision)
+    return wanted, skipped
+
+
+def bench_cpu_training(
+    data_dir: Path, sizes: BenchSizes, repeats: int, vocab: int, wanted: list[str],
+    skipped: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The default CPU step in each wanted precision (repeats interleaved), the CPU matmul in
+    the same precisions, and each step's GEMMs alone: (train_cpu, matmul_cpu)."""
+    cpu = torch.device("cpu")
     _log(f"bench: training steps, cpu {' and '.join(wanted)}, the default step (torch ops)")
-    measured = bench_train(
-        ds.train.seq,
-        ds.train.kind,
-        ds.vocab,
-        ds.entity_len,
-        [(sizes.cpu_model, p, cpu, "eager") for p in wanted],
-        repeats,
-        sizes.warmup_steps,
-        sizes.steps_per_repeat,
-    )
-    train_cpu.update(zip(wanted, measured))
-    results["train_cpu"] = {p: train_cpu[p] for p in ("fp32", "bf16")}
-    train_cpu = results["train_cpu"]
-
-    # ---- matmul throughput of this CPU, same precisions
+    specs = _cpu_specs(sizes.cpu_model, wanted)
+    measured = bench_train(data_dir, specs, repeats, sizes.warmup_steps, sizes.steps_per_repeat)
+    train_cpu = {**skipped, **dict(zip(wanted, measured))}
+    train_cpu = {p: train_cpu[p] for p in ("fp32", "bf16")}
     _log("bench: matmul throughput")
-    matmul_cpu = {
-        "fp32": bench_matmul(sizes.matmul_n, torch.float32, cpu, repeats, sizes.matmul_iters)
-    }
-    if "skipped" in train_cpu["bf16"]:
-        matmul_cpu["bf16"] = {"skipped": train_cpu["bf16"]["skipped"]}
-    else:
-        matmul_cpu["bf16"] = bench_matmul(
-            sizes.matmul_n, torch.bfloat16, cpu, repeats, sizes.matmul_iters
+    matmul_cpu: dict[str, Any] = {}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if precision in wanted:
+            matmul_cpu[precision] = bench_matmul(
+                sizes.matmul_n, dtype, cpu, repeats, sizes.matmul_iters
+            )
+        else:
+            matmul_cpu[precision] = {"skipped": train_cpu[precision]["skipped"]}
+    for precision in wanted:
+        tr, peak = train_cpu[precision], matmul_cpu[precision]["flops_per_s"]
+        tr["fraction_of_matmul"] = tr["achieved_flops_per_s"] / peak
+        size = sizes.cpu_model
+        shapes = step_gemm_shapes(
+            size.n_layer, size.n_embd, round(tr["rows_per_step"]), tr["row_len"],
+            tr["scored_per_step"], vocab,
+        )  # fmt: skip
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        gemms = bench_step_gemms(shapes, dtype, cpu, repeats)
+        gemms["fraction_of_matmul"] = gemms["flops_per_s"] / peak
+        tr["step_gemms_alone"] = gemms
+    return train_cpu, matmul_cpu
+
+
+def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
+    """Run every measurement, print a table, write the JSON results to `output`; return them."""
+    if repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory")
+    sizes = QUICK if quick else FULL
+    load_start, wall_start = _loadavg(), time.perf_counter()
+    results: dict[str, Any] = {}
+    data_dir = Path(tempfile.mkdtemp(prefix="revjepa-bench-"))
+    try:
+        ds, results["data"] = bench_data(sizes, data_dir)
+        rss = results["data"].pop("rss")
+        results["gpu"] = bench_gpu(data_dir, sizes, repeats)  # first: its table comes first
+        wanted, skipped = _wanted_precisions()
+        train_cpu, matmul_cpu = bench_cpu_training(
+            data_dir, sizes, repeats, ds.vocab.size, wanted, skipped
         )
-    results["matmul_cpu"] = matmul_cpu
-    for precision, tr in train_cpu.items():
-        if "skipped" not in tr:
-            tr["fraction_of_matmul"] = (
-                tr["achieved_flops_per_s"] / matmul_cpu[precision]["flops_per_s"]
-            )
-            size = sizes.cpu_model
-            shapes = step_gemm_shapes(
-                size.n_layer,
-                size.n_embd,
-                round(tr["rows_per_step"]),
-                tr["row_len"],
-                tr["scored_per_step"],
-                ds.vocab.size,
-            )
-            dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-            gemms = bench_step_gemms(shapes, dtype, cpu, repeats)
-            gemms["fraction_of_matmul"] = (
-                gemms["flops_per_s"] / matmul_cpu[precision]["flops_per_s"]
-            )
-            tr["step_gemms_alone"] = gemms
-    if "skipped" not in train_cpu["bf16"]:
-        results["bf16_speedup"] = paired_speedup(train_cpu["fp32"], train_cpu["bf16"])
-
-    # ---- evaluation
-    _log("bench: evaluation")
-    results["eval"] = bench_eval(
-        ds.valid,
-        ds.vocab,
-        ds.entity_len,
-        sizes.cpu_model,
-        sizes.eval_batch_size,
-        min(repeats, sizes.eval_repeats),
-    )
-
-    # ---- CPU training again with --cpu_kernels on: last of the CPU figures, as its malloc
-    # settings stay for the rest of the process
-    results["train_cpu_kernels"], lib_name = bench_cpu_kernels(
-        ds, sizes, wanted, train_cpu, matmul_cpu, repeats
-    )
-
-    # ---- the seed's configuration on the GPU
-    if torch.cuda.is_available():
-        gpu = torch.device("cuda", torch.cuda.current_device())
-        gpu_results: dict[str, Any] = {"device_name": torch.cuda.get_device_name(gpu)}
-        precision = resolve_precision("bf16", gpu, lambda _m: None)
-        for variant in STEP_VARIANTS:
-            _log(f"bench: training steps, gpu {precision} {variant}")
-            try:
-                (gpu_results[variant],) = bench_train(
-                    ds.train.seq,
-                    ds.train.kind,
-                    ds.vocab,
-                    ds.entity_len,
-                    [(sizes.gpu_model, precision, gpu, variant)],
-                    repeats,
-                    sizes.gpu_warmup_steps,
-                    sizes.gpu_steps_per_repeat,
-                )
-            except Exception as exc:  # compile support varies by platform
-                if variant == "eager":
-                    raise
-                gpu_results[variant] = {"skipped": one_line(exc, 300)}
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        gpu_results["matmul"] = bench_matmul(sizes.gpu_matmul_n, dtype, gpu, repeats, 10)
-        for variant in STEP_VARIANTS:
-            tr = gpu_results[variant]
-            if "skipped" not in tr:
-                tr["fraction_of_matmul"] = (
-                    tr["achieved_flops_per_s"] / gpu_results["matmul"]["flops_per_s"]
-                )
-        gpu_results["peak_allocated_mib"] = torch.cuda.max_memory_allocated(gpu) / 2**20
-        results["gpu"] = gpu_results
-    else:
-        results["gpu"] = {"skipped": "CUDA not available"}
-
+        results["train_cpu"], results["matmul_cpu"] = train_cpu, matmul_cpu
+        if "skipped" not in train_cpu["bf16"]:
+            results["bf16_speedup"] = paired_speedup(train_cpu["fp32"], train_cpu["bf16"])
+        _log("bench: evaluation")
+        results["eval"] = bench_eval(
+            ds.valid, ds.vocab, ds.entity_len, sizes.cpu_model, sizes.eval_batch_size,
+            min(repeats, sizes.eval_repeats),
+        )  # fmt: skip
+        # last of the CPU figures: the malloc settings of --cpu_kernels on stay for the process
+        results["train_cpu_kernels"], lib_name = bench_cpu_kernels(
+            data_dir, sizes, wanted, train_cpu, matmul_cpu, repeats
+        )
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
     results["memory"] = {
         "peak_rss_mib": _peak_rss_mib(),
-        "load_dataset": rss_load,
-        "json_load_train": rss_json,
-        "load_vs_json_delta_ratio": rss_load["delta_mib"] / max(rss_json["delta_mib"], 1e-9),
+        "load_dataset": rss["load_dataset"],
+        "json_load_train": rss["json"],
+        "load_vs_json_delta_ratio": rss["load_dataset"]["delta_mib"]
+        / max(rss["json"]["delta_mib"], 1e-9),
     }
     results["bench_seconds"] = time.perf_counter() - wall_start
     shares = [tr["cpu_share"] for tr in _cpu_trainings(results) if "cpu_share" in tr]
     results["machine_busy"] = bool(shares) and min(shares) < BUSY_CPU_SHARE
-    report = {
+    report = _report(sizes, quick, repeats, lib_name, load_start, results)
+    print(format_table(report))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
+    return report
+
+
+def _report(
+    sizes: BenchSizes,
+    quick: bool,
+    repeats: int,
+    lib_name: str | None,
+    load_start: float | None,
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON report: the machine, the configuration, the results."""
+    return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -736,11 +715,6 @@ def run_bench(output: Path, repeats: int, quick: bool) -> dict[str, Any]:
         },
         "results": results,
     }
-    print(format_table(report))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {output}")
-    return report
 
 
 # ----------------------------------------------------------------------------- the table
@@ -751,9 +725,8 @@ def _g(x: float) -> str:
     return f"{g:,.1f}" if g >= 10 else f"{g:.3f}"
 
 
-def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(figure, value, unit) rows of the printed table."""
-    r = report["results"]
+def _cpu_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The default CPU step's rows."""
     rows: list[tuple[str, str, str]] = []
     for precision in ("fp32", "bf16"):
         tr = r["train_cpu"][precision]
@@ -778,57 +751,67 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         ]
     if "bf16_speedup" in r:
         rows.append(("bf16 speed-up over fp32 (paired)", f"{r['bf16_speedup']:.2f}", "x"))
+    return rows
+
+
+def _kernel_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The `--cpu_kernels on` step's rows."""
     kern = r.get("train_cpu_kernels", {"skipped": "not measured"})
     if "skipped" in kern:
-        rows.append(("train cpu, --cpu_kernels on", "skipped", kern["skipped"][:60]))
-    else:
-        for precision in ("fp32", "bf16"):
-            tr = kern[precision]
-            if "skipped" in tr:
-                continue
-            name = f"train cpu {precision} --cpu_kernels on"
-            rows += [
-                (f"{name} steps/s", f"{tr['steps_per_s']:.3f}", "steps/s"),
-                (f"{name} achieved", _g(tr["achieved_flops_per_s"]), "GFLOP/s"),
-                (f"{name} train/matmul", f"{tr['fraction_of_matmul']:.3f}", "ratio"),
-                (
-                    f"{name} speed-up",
-                    f"{tr['speedup_over_default']:.2f}",
-                    "x the default step (ratio of medians)",
-                ),
-                (f"{name} CPU share", f"{tr['cpu_share']:.2f}", "of threads x wall"),
-            ]
-        if "bf16_speedup" in kern:
-            rows.append(
-                ("bf16 speed-up, --cpu_kernels on (paired)", f"{kern['bf16_speedup']:.2f}", "x")
-            )
-    ev = r["eval"]
-    rows.append(("eval items/s (3 splits)", f"{ev['items_per_s']:,.0f}", "items/s"))
-    rows.append(("eval total", f"{ev['total_seconds']:.2f}", "s"))
-    g = r["gpu"]
+        return [("train cpu, --cpu_kernels on", "skipped", kern["skipped"][:60])]
+    rows: list[tuple[str, str, str]] = []
+    for precision in ("fp32", "bf16"):
+        tr = kern[precision]
+        if "skipped" in tr:
+            continue
+        name = f"train cpu {precision} --cpu_kernels on"
+        rows += [
+            (f"{name} steps/s", f"{tr['steps_per_s']:.3f}", "steps/s"),
+            (f"{name} achieved", _g(tr["achieved_flops_per_s"]), "GFLOP/s"),
+            (f"{name} train/matmul", f"{tr['fraction_of_matmul']:.3f}", "ratio"),
+            (
+                f"{name} speed-up",
+                f"{tr['speedup_over_default']:.2f}",
+                "x the default step (ratio of medians)",
+            ),
+            (f"{name} CPU share", f"{tr['cpu_share']:.2f}", "of threads x wall"),
+        ]
+    if "bf16_speedup" in kern:
+        rows.append(
+            ("bf16 speed-up, --cpu_kernels on (paired)", f"{kern['bf16_speedup']:.2f}", "x")
+        )
+    return rows
+
+
+def _gpu_rows(g: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The GPU's rows (the first of the table)."""
     if "skipped" in g:
-        rows.append(("gpu", "skipped", g["skipped"]))
-    else:
-        for variant in STEP_VARIANTS:
-            tr = g[variant]
-            if "skipped" in tr:
-                rows.append((f"gpu {variant}", "skipped", tr["skipped"][:60]))
-                continue
-            rows += [
-                (f"gpu {variant} steps/s", f"{tr['steps_per_s']:.2f}", "steps/s"),
-                (f"gpu {variant} tokens/s", f"{tr['tokens_per_s']:,.0f}", "tokens/s"),
-                (f"gpu {variant} achieved", _g(tr["achieved_flops_per_s"]), "GFLOP/s"),
-                (f"gpu {variant} train/matmul", f"{tr['fraction_of_matmul']:.3f}", "ratio"),
-            ]
-        rows.append((f"gpu matmul {g['matmul']['n']}", _g(g["matmul"]["flops_per_s"]), "GFLOP/s"))
-    d = r["data"]
-    rows += [
+        return [("gpu", "skipped", g["skipped"])]
+    rows: list[tuple[str, str, str]] = []
+    for variant in STEP_VARIANTS:
+        tr = g[variant]
+        if "skipped" in tr:
+            rows.append((f"gpu {variant}", "skipped", tr["skipped"][:60]))
+            continue
+        rows += [
+            (f"gpu {variant} steps/s", f"{tr['steps_per_s']:.2f}", "steps/s"),
+            (f"gpu {variant} tokens/s", f"{tr['tokens_per_s']:,.0f}", "tokens/s"),
+            (f"gpu {variant} achieved", _g(tr["achieved_flops_per_s"]), "GFLOP/s"),
+            (f"gpu {variant} train/matmul", f"{tr['fraction_of_matmul']:.3f}", "ratio"),
+        ]
+    rows.append((f"gpu matmul {g['matmul']['n']}", _g(g["matmul"]["flops_per_s"]), "GFLOP/s"))
+    return rows
+
+
+def _other_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Evaluation, data and memory rows."""
+    ev, d, m = r["eval"], r["data"], r["memory"]
+    return [
+        ("eval items/s (3 splits)", f"{ev['items_per_s']:,.0f}", "items/s"),
+        ("eval total", f"{ev['total_seconds']:.2f}", "s"),
         ("dataset generation", f"{d['gen_seconds']:.2f}", "s"),
         ("dataset write (JSON)", f"{d['write_seconds']:.2f}", "s"),
         ("dataset load", f"{d['load_seconds']:.2f}", "s"),
-    ]
-    m = r["memory"]
-    rows += [
         ("peak RSS (bench process)", f"{m['peak_rss_mib']:,.0f}", "MiB"),
         ("load_dataset peak RSS", f"{m['load_dataset']['peak_mib']:,.0f}", "MiB"),
         ("  above baseline", f"{m['load_dataset']['delta_mib']:,.0f}", "MiB"),
@@ -837,7 +820,12 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("load / json.load (above baseline)", f"{m['load_vs_json_delta_ratio']:.2f}", "ratio"),
         ("bench wall time", f"{r['bench_seconds']:.1f}", "s"),
     ]
-    return rows
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(figure, value, unit) rows of the printed table: the GPU first, then the CPU."""
+    r = report["results"]
+    return _gpu_rows(r["gpu"]) + _cpu_rows(r) + _kernel_rows(r) + _other_rows(r)
 
 
 def busy_warning(report: dict[str, Any]) -> str | None:

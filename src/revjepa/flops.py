@@ -86,22 +86,33 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def measured_matmul_flops(device: torch.device, precision: str, n: int = 1024) -> float:
-    """FLOP/s of a square matmul in the run's precision on this device (best of a few)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+def matmul_rates(
+    device: torch.device, dtype: torch.dtype, n: int, repeats: int, iters: int
+) -> list[float]:
+    """FLOP/s of `repeats` timed repeats of `iters` n x n @ n x n matmuls (2 n^3 FLOPs each),
+    after two untimed ones, into one output buffer."""
     gen = torch.Generator().manual_seed(0)  # never the global RNG: a run must not notice this
     a = torch.randn(n, n, generator=gen).to(device, dtype)
     b = torch.randn(n, n, generator=gen).to(device, dtype)
-    best = math.inf
-    for _ in range(4):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda _device: None
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    rates = []
+    for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / max(best, 1e-9)
+        for _ in range(iters):
+            torch.mm(a, b, out=out)
+        sync(device)
+        rates.append(2.0 * n**3 * iters / max(time.perf_counter() - t0, 1e-9))
+    return rates
+
+
+def measured_matmul_flops(device: torch.device, precision: str, n: int = 1024) -> float:
+    """FLOP/s of a square matmul in the run's precision on this device (best of a few)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return max(matmul_rates(device, dtype, n, repeats=4, iters=1))
 
 
 def peak_flops(

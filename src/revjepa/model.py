@@ -393,23 +393,10 @@ class GPT2Jepa(LossFamily):
         draw (None = keep all). Every shape here follows from the shapes of the inputs, and no
         branch depends on the data, so torch.compile traces it once and CUDA graphs can
         replay it."""
-        b, big_l = seq.shape
-        e, k = self.entity_len, self.k
-        dev = seq.device
+        b, e = seq.shape[0], self.entity_len
         n_rows = (plan.numel() - 2 * b) // 3
         slot0, slot1, jepa_row, order, start = plan.split([n_rows, n_rows, n_rows, b, b])
-        padded = torch.cat([seq, seq.new_full((1, big_l), self.pad_id)])  # item b = <pad>
-        first, second = padded[slot0], padded[slot1]
-        is_jepa = jepa_row.bool()
-        if self.jepa:  # a configuration constant, not a data-dependent branch
-            jepa_tail = torch.cat(
-                [first.new_full((n_rows, k), self.pred_id), self.reverse(first)], 1
-            )
-            pair_tail = torch.cat([second, second.new_full((n_rows, k), self.pad_id)], 1)
-            tail = torch.where(is_jepa[:, None], jepa_tail, pair_tail)
-        else:
-            tail = second
-        ids = torch.cat([first, tail], 1)
+        ids = self.packed_ids(seq, slot0, slot1, jepa_row)
         row_type = 1 - jepa_row
         head = self.lm.lm_head.weight
         ops = self.ops
@@ -424,13 +411,13 @@ class GPT2Jepa(LossFamily):
             tied=tied,
             ops=ops,
         )
-
         # NTP: the E positions before each e2 token, for every item, in packing order.
-        cols = start[:, None] + torch.arange(e + 1, 2 * e + 1, device=dev)
+        cols = start[:, None] + torch.arange(e + 1, 2 * e + 1, device=seq.device)
         targets = seq[order, e + 2 :]
         ln_f = self.lm.transformer.ln_f
         scored = ln_f(h.flatten(0, 1)[cols])  # (B, E, d)
         want_logits = with_logits or per_layer  # a flag of the call, not of the data
+        logits = None
         if want_logits or tied is None:
             logits = scored @ head.T  # (B, E, V)
             ntp_sum = ops.cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
@@ -438,40 +425,78 @@ class GPT2Jepa(LossFamily):
             ntp_sum = tied.cross_entropy_sum(scored.flatten(0, 1), targets.flatten())
         out = LossOutput(
             ntp_sum=ntp_sum,
-            ntp_count=torch.full((), float(b * e), device=dev),  # a fill, not a blocking copy
+            ntp_count=torch.full((), float(b * e), device=seq.device),  # a fill, not a copy
             jepa_sum=h.new_zeros((), dtype=torch.float32),
-            jepa_count=torch.zeros((), device=dev),
+            jepa_count=torch.zeros((), device=seq.device),
         )
         if self.jepa:
-            # every row's pred and target; only JEPA rows (kept by loss dropout) count
-            pred = ln_f(h[:, big_l + k - 1])
-            target = ln_f(h[:, 2 * big_l + k - 1])
-            dist = jepa_distance(
-                pred,
-                target,
-                self.objective.distance_metric,
-                self.objective.infonce_temperature,
-                is_jepa,
-            )
-            weight = is_jepa
-            if jepa_keep is not None:
-                weight = (
-                    weight & torch.cat([jepa_keep.bool(), jepa_keep.new_zeros(1).bool()])[slot0]
-                )
-            out.jepa_sum = torch.where(weight, dist, 0.0).sum()
-            out.jepa_count = weight.sum().float()
-            out.pred_embeddings = pred.detach()
-            out.pred_rows = is_jepa
+            self.add_jepa_terms(out, h, jepa_row.bool(), slot0, jepa_keep, seq.shape[1])
         if want_logits:
-            inverse_order = torch.empty_like(order)
-            inverse_order[order] = torch.arange(b, device=dev)
-            out.logits = logits.float()[inverse_order]
-            if per_layer:
-                out.layer_logits = [
-                    (ln_f(layer.flatten(0, 1)[cols]) @ head.T).float()[inverse_order]
-                    for layer in layers
-                ]
+            self.add_logits(out, logits, layers, cols, order)
         return out
+
+    def packed_ids(
+        self,
+        seq: torch.Tensor,
+        slot0: torch.Tensor,
+        slot1: torch.Tensor,
+        jepa_row: torch.Tensor,
+    ) -> torch.Tensor:
+        """The (R, row length) token ids of the packed rows of a plan (see `prepare`)."""
+        n_rows, big_l, k = slot0.numel(), seq.shape[1], self.k
+        padded = torch.cat([seq, seq.new_full((1, big_l), self.pad_id)])  # item b = <pad>
+        first, second = padded[slot0], padded[slot1]
+        if not self.jepa:  # a configuration constant, not a data-dependent branch
+            return torch.cat([first, second], 1)
+        jepa_tail = torch.cat([first.new_full((n_rows, k), self.pred_id), self.reverse(first)], 1)
+        pair_tail = torch.cat([second, second.new_full((n_rows, k), self.pad_id)], 1)
+        tail = torch.where(jepa_row.bool()[:, None], jepa_tail, pair_tail)
+        return torch.cat([first, tail], 1)
+
+    def add_jepa_terms(
+        self,
+        out: LossOutput,
+        h: torch.Tensor,
+        is_jepa: torch.Tensor,
+        slot0: torch.Tensor,
+        jepa_keep: torch.Tensor | None,
+        big_l: int,
+    ) -> None:
+        """The JEPA sum and count of `out`, from every row's pred and target embeddings; only
+        JEPA rows (kept by loss dropout) count."""
+        k, ln_f = self.k, self.lm.transformer.ln_f
+        pred = ln_f(h[:, big_l + k - 1])
+        target = ln_f(h[:, 2 * big_l + k - 1])
+        objective = self.objective
+        dist = jepa_distance(
+            pred, target, objective.distance_metric, objective.infonce_temperature, is_jepa
+        )
+        weight = is_jepa
+        if jepa_keep is not None:
+            weight = weight & torch.cat([jepa_keep.bool(), jepa_keep.new_zeros(1).bool()])[slot0]
+        out.jepa_sum = torch.where(weight, dist, 0.0).sum()
+        out.jepa_count = weight.sum().float()
+        out.pred_embeddings = pred.detach()
+        out.pred_rows = is_jepa
+
+    def add_logits(
+        self,
+        out: LossOutput,
+        logits: torch.Tensor,
+        layers: list[torch.Tensor],
+        cols: torch.Tensor,
+        order: torch.Tensor,
+    ) -> None:
+        """`out.logits` (and `out.layer_logits` when `layers` were collected) in batch order."""
+        inverse_order = torch.empty_like(order)
+        inverse_order[order] = torch.arange(order.numel(), device=order.device)
+        out.logits = logits.float()[inverse_order]
+        if layers:
+            ln_f, head = self.lm.transformer.ln_f, self.lm.lm_head.weight
+            out.layer_logits = [
+                (ln_f(layer.flatten(0, 1)[cols]) @ head.T).float()[inverse_order]
+                for layer in layers
+            ]
 
     # ------------------------------------------------------------------ evaluation
 

@@ -32,6 +32,7 @@ from .evaluate import evaluate_split
 from .families import build_model
 from .flops import peak_flops
 from .model import collapse_signal
+from .ops import step_ops
 from .runlog import RunLock, append_jsonl, failure_recorded, truncate_jsonl, write_run_state
 from .schedule import lr_multiplier, should_eval
 from .step import StepContext, StepResult, make_optimizer, resolve_precision, train_step
@@ -94,6 +95,13 @@ def setup_logging(output_dir: Path | None, main: bool) -> None:
         fh = logging.FileHandler(output_dir / "training.log")
         fh.setFormatter(fmt)
         log.addHandler(fh)
+
+
+def close_logging() -> None:
+    """Close and remove the handlers of `setup_logging` (the end of a run)."""
+    for handler in list(log.handlers):
+        handler.close()
+        log.removeHandler(handler)
 
 
 # ----------------------------------------------------------------------------- run set-up
@@ -193,9 +201,7 @@ def train(
         return _setup_and_fit(config, state, resume_path, d, resume_from, preempt)
     finally:
         preempt.restore()
-        for handler in list(log.handlers):
-            handler.close()
-            log.removeHandler(handler)
+        close_logging()
         d.close()
 
 
@@ -292,7 +298,8 @@ def _build_run(
     max_steps = checkpointer.max_steps
     use_compile, cuda_graphs = _compile_choice(config, device, d)
     setup_logging(output_dir if d.main else None, d.main)
-    setup_cpu_kernels(model, tc.cpu_kernels, device, use_compile, d, log.warning)  # once, here
+    model.ops = step_ops(device, use_compile)  # once, here: plain torch ops by default
+    setup_cpu_kernels(model, tc.cpu_kernels, device, use_compile, d, log.warning)
     precision = resolve_precision(tc.precision, device, log.warning)
     if tc.max_steps is not None and tc.num_epochs is not None:
         log.info(f"--max_steps {tc.max_steps} given: it wins over --num_epochs {tc.num_epochs}")

@@ -58,10 +58,11 @@ def setup_cpu_kernels(
     """The trainer's one call, at set-up: with `--cpu_kernels on`, the fused ops for `model`
     and glibc's malloc settings; where they cannot apply (another device, torch.compile, no
     working C compiler, or another process of the run that cannot use them) one `warn` line
-    says why and the model keeps torch's ops. Returns whether the kernels are on."""
+    says why and the model keeps its torch ops (`revjepa.ops.step_ops`). Returns whether the
+    kernels are on."""
     if requested != "on":
         return False
-    why = None
+    why, previous = None, getattr(model, "ops", TORCH_OPS)
     if device.type != "cpu":
         why = f"the device is {device}, and they are CPU kernels"
     elif compiled:
@@ -73,7 +74,7 @@ def setup_cpu_kernels(
             why = str(exc)
     # every process of a run computes with the same ops (collective: all ranks call it)
     if dist.any_rank(why is not None, device) and why is None:
-        model.ops = TORCH_OPS
+        model.ops = previous
         why = "another process of this run cannot use them"
     if why is not None:
         warn(f"--cpu_kernels on does not apply here ({why}); training with torch's ops")

@@ -8,15 +8,16 @@ own kernels). Attention, c_fc's bias + GELU, the residual add + c_proj's bias + 
 softmax cross-entropy and the dropout draws run in C for float32 (and for the bf16 GEMM
 outputs of autocast, taken in float32); other dtypes take torch's ops. The tied LM head and
 its cross-entropy are one function over a reused logits buffer (float32 without autocast).
+The torch parts (mask thresholds, the in-place cross-entropy backward, the tied head) are
+`revjepa.ops`'s eager CPU ops; this module gives them the C passes.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops as torch_ops
-from ..ops import StepOps
+from ..ops import StepOps, keep_threshold
 from . import kernels
 
 
@@ -59,63 +60,6 @@ def _uniform16(shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def _keep_threshold(p: float) -> tuple[int, float]:
-    """(t, scale): a uniform int16 r keeps its element when r < t, with probability
-    round((1 - p) * 2**16) / 2**16 (p rounded to 1/65536); kept values are scaled by the exact
-    inverse of that probability, so the output's expectation is the input, as with F.dropout."""
-    keep_count = round((1.0 - p) * 65536)
-    return keep_count - 32768, 65536.0 / max(keep_count, 1)
-
-
-def _keep_mask(
-    x: torch.Tensor, p: float, dtype: torch.dtype = torch.bool
-) -> tuple[torch.Tensor, float]:
-    """Keep-mask shaped like x (0/1 in `dtype`) and the scale of kept values: one 16-bit draw
-    per element (see `_keep_threshold`)."""
-    threshold, scale = _keep_threshold(p)
-    # the comparison writes `dtype` directly: a bool mask converted afterwards is one more pass
-    keep = torch.empty(x.shape, dtype=dtype)
-    torch.lt(_uniform16(tuple(x.shape)), threshold, out=keep)
-    return keep, scale
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`F.dropout` with its mask from the C generator's 16-bit draws (`_keep_mask`)."""
-    if not training or p == 0.0:
-        return x
-    if p >= 1.0:
-        return F.dropout(x, p, training=True)
-    keep, scale = _keep_mask(x, p)
-    # x * mask (the bool promotes to x's dtype on the fly) is twice as fast as where(mask, x, 0)
-    return (x * keep).mul_(scale)
-
-
-def residual_dropout(h: torch.Tensor, y: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`h + F.dropout(y, p)`: on CPU one addcmul with the mask in y's dtype, one pass over memory
-    fewer each way. For float32 it is bit for bit `h + dropout(y)`; for a bf16 y under autocast
-    the scaled value is added in h's float32 without being rounded to bf16 first."""
-    if not training or p == 0.0:
-        return h + y
-    if p >= 1.0:
-        return h + F.dropout(y, p, training=True)
-    keep, scale = _keep_mask(y, p, y.dtype)
-    return torch.addcmul(h, y, keep, value=scale)
-
-
-def _saved_once(ctx, what: str) -> tuple[torch.Tensor, ...]:
-    """The saved tensors of a cross-entropy backward that turns its saved softmax into the
-    gradient in place: a second backward through the same graph would be wrong, so refuse it."""
-    if ctx.used:
-        raise RuntimeError(f"{what}: backward through the graph a second time")
-    ctx.used = True
-    return ctx.saved_tensors
-
-
-def _minus_one_hot_(prob: torch.Tensor, target: torch.Tensor) -> None:
-    """softmax - one_hot(target), in place: the cross-entropy's gradient w.r.t. the logits."""
-    prob[torch.arange(prob.shape[0], device=prob.device), target] -= 1.0
-
-
 def _softmax_cross_entropy_(lib, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Sum of the cross-entropies of (n, V) float32 logits, which become their softmax in place
     (one C pass: each row stays in cache between its max, exp and scaling)."""
@@ -130,126 +74,31 @@ def _softmax_cross_entropy_(lib, logits: torch.Tensor, target: torch.Tensor) -> 
     return rows.sum()
 
 
-class _SoftmaxCrossEntropySum(torch.autograd.Function):
-    """Sum of cross-entropies in two passes over the logits: the forward keeps the softmax
-    (exp of the log-softmax, in place) for the backward, whose gradient is that softmax minus
-    the one-hot target, written in place."""
+def _c_softmax_cross_entropy_(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`revjepa.ops.log_softmax_cross_entropy_` as one C pass."""
+    return _softmax_cross_entropy_(_lib(), logits, target)
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # one C pass over a float32 copy: the caller's logits stay
-        prob = logits.to(torch.float32, copy=True).contiguous()
-        loss = _softmax_cross_entropy_(_lib(), prob, target)
-        ctx.save_for_backward(prob, target)
-        ctx.in_dtype = logits.dtype
-        ctx.used = False
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        prob, target = _saved_once(ctx, "cross_entropy_sum")
-        _minus_one_hot_(prob, target)
-        return prob.mul_(grad_loss).to(ctx.in_dtype), None
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout` with its mask from the C generator's 16-bit draws."""
+    return torch_ops.masked_dropout(x, p, training, _uniform16)
+
+
+def residual_dropout(h: torch.Tensor, y: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`h + dropout(y, p)` as one addcmul (`revjepa.ops.residual_dropout`), C draws."""
+    return torch_ops.residual_dropout(h, y, p, training, _uniform16)
 
 
 def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`F.cross_entropy(logits.float(), target, reduction="sum")` for (n, V) logits, computed in
-    float32 whatever the logits' dtype."""
-    return _SoftmaxCrossEntropySum.apply(logits, target)
+    float32 whatever the logits' dtype, its softmax in one C pass."""
+    return torch_ops.softmax_cross_entropy_sum(logits, target, _c_softmax_cross_entropy_)
 
 
-# (n, V) logits buffers handed from one step's backward to the next step's forward. On the
-# CPU a fresh 33 MB buffer made the LM head's GEMM ~40% slower than a reused one (profile,
-# bench configuration: 20 vs 14 ms). A buffer is taken out while a graph uses it, so two
-# live graphs never share one; a graph dropped without backward just costs a new buffer.
-_logits_buffers: dict[tuple[int, int], torch.Tensor] = {}
+class TiedLMHead(torch_ops.TiedLMHead):
+    """`revjepa.ops.TiedLMHead` whose softmax cross-entropy is one C pass."""
 
-
-class _LinearCrossEntropySum(torch.autograd.Function):
-    """`cross_entropy_sum(x @ weight.T, target)` in float32 with one (n, V) buffer: the
-    logits become the log-softmax, then the softmax, then the gradient, all in place, and
-    the backward's GEMMs take the upstream gradient on their small operands."""
-
-    @staticmethod
-    def forward(ctx, x, weight, target, tie: TiedLMHead) -> torch.Tensor:
-        shape = (x.shape[0], weight.shape[0])
-        buf = _logits_buffers.pop(shape, None)
-        if buf is None:
-            buf = torch.empty(shape, dtype=torch.float32)
-        torch.mm(x, weight.T, out=buf)
-        loss, prob = _softmax_cross_entropy_(_lib(), buf, target), buf
-        ctx.save_for_backward(x, weight, prob, target)
-        ctx.tie, ctx.used = tie, False
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        x, weight, prob, target = _saved_once(ctx, "TiedLMHead.cross_entropy_sum")
-        _minus_one_hot_(prob, target)  # d(loss)/d(logits), still without the upstream factor
-        grad_x = (prob @ weight).mul_(grad_loss) if ctx.needs_input_grad[0] else None
-        grad_w = prob.T @ (x * grad_loss) if ctx.needs_input_grad[1] else None
-        _logits_buffers[tuple(prob.shape)] = prob
-        tie = ctx.tie
-        if grad_w is not None and tie.embedded:  # the embedding's backward adds to it
-            tie.head_grad = grad_w if tie.head_grad is None else tie.head_grad.add_(grad_w)
-            grad_w = None
-        return grad_x, grad_w, None, None
-
-
-class _TiedEmbedding(torch.autograd.Function):
-    """`F.embedding` whose backward adds its rows into the LM head's weight gradient (handed
-    over through the TiedLMHead) instead of into a zero-filled (V, d) gradient of its own."""
-
-    @staticmethod
-    def forward(ctx, ids, weight, tie: TiedLMHead) -> torch.Tensor:
-        ctx.save_for_backward(ids)
-        ctx.tie, ctx.weight_shape = tie, weight.shape
-        return F.embedding(ids, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (ids,) = ctx.saved_tensors
-        grad, ctx.tie.head_grad = ctx.tie.head_grad, None
-        if grad is None:  # the head was not in this loss, or took the plain path
-            grad = grad_out.new_zeros(ctx.weight_shape)
-        grad.index_add_(0, ids.flatten(), grad_out.reshape(-1, grad_out.shape[-1]))
-        return None, grad, None
-
-
-class TiedLMHead:
-    """The token embedding and the LM head of one forward pass, sharing one (V, d) matrix.
-
-    In float32 without autocast, `cross_entropy_sum` is one function over one reused (n, V)
-    buffer, and its weight gradient is not returned to autograd but handed to the embedding's
-    backward, which runs later (the embedding is upstream of the head) and adds its rows in
-    place: the zero-filled (V, d) embedding gradient and the sum of two (V, d) gradients, each
-    a pass over 16 MB at the bench size, are saved. Elsewhere (autocast, no grad, other
-    dtypes) these are F.embedding and `cross_entropy_sum`.
-    """
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
-        self.fast = (
-            weight.dtype == torch.float32
-            and weight.requires_grad
-            and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-        )
-        self.embedded = False  # an embedding of this pass will take the head's gradient
-        self.head_grad: torch.Tensor | None = None
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """`F.embedding(ids, weight)`."""
-        if not self.fast:
-            return F.embedding(ids, self.weight)
-        self.embedded = True
-        return _TiedEmbedding.apply(ids, self.weight, self)
-
-    def cross_entropy_sum(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """`cross_entropy_sum(x @ weight.T, target)` for (n, d) x, in float32."""
-        if not self.fast or x.dtype != torch.float32:
-            return cross_entropy_sum(x @ self.weight.T, target)
-        return _LinearCrossEntropySum.apply(x, self.weight, target, self)
+    softmax_ce_ = staticmethod(_c_softmax_cross_entropy_)
 
 
 def _ptr(x: torch.Tensor | None) -> int:
@@ -274,7 +123,7 @@ class _Attention(torch.autograd.Function):
         qkv, mask = qkv.contiguous(), mask.contiguous()
         _c_args(qkv)
         bits = _uniform16((rows, n_head, t, t)) if p > 0.0 else None
-        threshold, scale = _keep_threshold(p) if p > 0.0 else (0, 1.0)
+        threshold, scale = keep_threshold(p) if p > 0.0 else (0, 1.0)
         prob = qkv.new_empty((rows, n_head, t, t))
         y = qkv.new_empty((rows, t, three_d // 3))
         args = (rows, t, n_head, hd, hd**-0.5, torch.get_num_threads())
@@ -370,7 +219,7 @@ class _ResidualBiasDropout(torch.autograd.Function):
         _c_args(h, x, bias)
         rows, cols = x.shape
         bits = _uniform16((rows, cols)) if p > 0.0 else None
-        threshold, scale = _keep_threshold(p) if p > 0.0 else (0, 1.0)
+        threshold, scale = keep_threshold(p) if p > 0.0 else (0, 1.0)
         out = torch.empty_like(h)
         _lib().residual_forward(
             _ptr(h), _ptr(x), _ptr(bias), _ptr(bits), threshold, scale, _ptr(out),
