@@ -20,21 +20,24 @@ from pathlib import Path
 
 import torch
 
-from revjepa.bench import FULL, QUICK, TrainBench, sync_device
-from revjepa.data import GenConfig, generate, load_dataset, write_generated
+from revjepa.bench import FULL, QUICK, TrainBench, TrainSpec, sync_device
+from revjepa.data import GenConfig, generate, write_generated
 from revjepa.errors import one_line
+
+
+def _take_steps(b: TrainBench, n: int) -> None:
+    for _ in range(n):
+        b.res = b.trainer.train_one_step()
 
 
 def _time_steps(b: TrainBench, steps: int, repeats: int) -> dict[str, float]:
     per_step, issue = [], []
     for _ in range(repeats):
-        sync_device(b.device)
+        sync_device(b.run.device)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            b._run(b.step)
-            b.step += 1
+        _take_steps(b, steps)
         t1 = time.perf_counter()
-        sync_device(b.device)
+        sync_device(b.run.device)
         t2 = time.perf_counter()
         issue.append((t1 - t0) / steps)
         per_step.append((t2 - t0) / steps)
@@ -52,54 +55,58 @@ def _profile(b: TrainBench, dev: torch.device, path: Path) -> float:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for _ in range(5):
-            b._run(b.step)
-            b.step += 1
-        sync_device(b.device)
+        _take_steps(b, 5)
+        sync_device(b.run.device)
     table = prof.key_averages().table(sort_by=f"{dev.type}_time_total", row_limit=30)
     path.write_text(table)
     print(table[:5000], flush=True)
     return len([e for e in prof.events() if e.device_type.name == "CUDA"]) / 5
 
 
-def run_variant(variant, seq, kind, vocab, entity_len, size, dev, out_dir, first) -> dict:
+def run_variant(variant: str, data_dir: Path, run_dir: Path, dev, out_dir: Path, first) -> dict:
+    """One step variant as the real trainer runs it (bench.TrainBench), bf16."""
     base = variant.removesuffix("-nocudnn")
     if dev.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(not variant.endswith("-nocudnn"))
-    b = TrainBench(seq, kind, vocab, entity_len, size, "bf16", dev, 20, base)
-    t0 = time.perf_counter()
-    b.warm(15)
-    res = _time_steps(b, 20, 5)
-    res["warmup_s_15_steps"] = time.perf_counter() - t0
-    from torch._dynamo.utils import counters
+    size = FULL.gpu_model if dev.type == "cuda" else QUICK.gpu_model
+    b = TrainBench(TrainSpec(size, "bf16", dev, base), data_dir, run_dir, 20, 1000)
+    try:
+        t0 = time.perf_counter()
+        _take_steps(b, 15)
+        sync_device(b.run.device)
+        res = _time_steps(b, 20, 5)
+        res["warmup_s_15_steps"] = time.perf_counter() - t0
+        from torch._dynamo.utils import counters
 
-    # cudagraph_skips > 0: inductor found the graph unsafe to capture and ran it without
-    res["inductor_counters"] = {k: v for k, v in counters["inductor"].items() if "graph" in k}
-    if first:
-        res["kernels_per_step"] = _profile(b, dev, out_dir / f"profile_{variant}.txt")
+        # cudagraph_skips > 0: inductor found the graph unsafe to capture and ran it without
+        res["inductor_counters"] = {k: v for k, v in counters["inductor"].items() if "graph" in k}
+        res["fell_back_to_eager"] = b.fell_back
+        if first:
+            res["kernels_per_step"] = _profile(b, dev, out_dir / f"profile_{variant}.txt")
+    finally:
+        b.close()
     return res
 
 
 def main(out_dir: Path, variants: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_generated(generate(GenConfig()), Path(tmp))
-        ds = load_dataset(Path(tmp))
-    seq, kind, vocab, entity_len = ds.train.seq, ds.train.kind, ds.vocab, ds.entity_len
     # without CUDA: a tiny CPU smoke run of this script itself (its figures mean nothing)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = FULL.gpu_model if dev.type == "cuda" else QUICK.gpu_model
     results: dict[str, dict] = {}
-    for i, variant in enumerate(variants):
-        try:
-            res = run_variant(variant, seq, kind, vocab, entity_len, size, dev, out_dir, i == 0)
-        except Exception as exc:  # a failing variant must not hide the others' figures
-            res = {"failed": one_line(exc)}
-        results[variant] = res
-        print(variant, json.dumps(res), flush=True)
-        (out_dir / "profile.json").write_text(json.dumps(results, indent=2) + "\n")
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        write_generated(generate(GenConfig()), data_dir)
+        for i, variant in enumerate(variants):
+            try:
+                run_dir = Path(tmp) / f"run_{i}"
+                res = run_variant(variant, data_dir, run_dir, dev, out_dir, i == 0)
+            except Exception as exc:  # a failing variant must not hide the others' figures
+                res = {"failed": one_line(exc)}
+            results[variant] = res
+            print(variant, json.dumps(res), flush=True)
+            (out_dir / "profile.json").write_text(json.dumps(results, indent=2) + "\n")
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     for name, r in results.items():
         if "failed" in r:
             print(f"{name:24s} FAILED {r['failed']}")
