@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +258,10 @@ def test_wandb_steps_on_disk_reads_the_sessions_of_one_run(tmp_path, wandb_env):
         for step in steps:
             run.log({"train/loss": 1.0 / step}, step=step)
         run.finish()
+        # W&B names an offline session's directory by the second it started: two sessions of
+        # one id within one second share it (a real resume is minutes apart); a fresh-clone CI
+        # run once saw exactly that (the second session's steps missing)
+        time.sleep(1.1)
     assert wandb_steps_on_disk(tmp_path / "wandb", "aaaa1111") == 10
     assert wandb_steps_on_disk(tmp_path / "wandb", "bbbb2222") == 50
     assert wandb_steps_on_disk(tmp_path / "wandb", "cccc3333") == 0
