@@ -61,9 +61,10 @@ def find_runs(dirs: list[Path]) -> list[Path]:
             found.append(d)
             continue
         inner = d / "runs" if (d / "runs").is_dir() else d
+        order = _plan_order(d)
         runs = sorted(
             (p for p in inner.iterdir() if (p / "training_args.json").is_file()),
-            key=lambda p: (_plan_order(d).get(p.name, 1 << 30), p.name),
+            key=lambda p: (order.get(p.name, 1 << 30), p.name),
         )
         for sub in sorted(p for p in d.iterdir() if (p / "runs").is_dir() and p != d):
             runs += sorted(
