@@ -363,7 +363,11 @@ def bad_world(data_dir, reference_run, tmp_path_factory) -> Path:
     shutil.copytree(data_dir, w / "data")
     shutil.copytree(reference_run / "checkpoints", w / "ckpts")
     (w / "empty").mkdir()
-    (w / "garbage.pt").write_bytes(os.urandom(4096))
+    # Fixed bytes, not os.urandom: random garbage that starts with a pickle header (0x80 + a
+    # protocol byte) makes torch warn before it fails, so a random file tested that case by chance.
+    noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+    (w / "garbage.pt").write_bytes(bytes(noise.to(torch.uint8).tolist()))
+    (w / "pickle_garbage.pt").write_bytes(b"\x80\x05" + bytes(noise[2:].to(torch.uint8).tolist()))
     good = (w / "ckpts" / "checkpoint_step_6.pt").read_bytes()
     (w / "truncated.pt").write_bytes(good[: len(good) // 2])
     torch.save({"hello": torch.zeros(2)}, w / "foreign.pt")
@@ -531,6 +535,11 @@ BAD_INPUTS = [
         "garbage.pt",
     ),
     (
+        "train resume pickle-header garbage",
+        ["train", "--resume_from", "{w}/pickle_garbage.pt", "--output_dir", "{w}/o13p"],
+        "pickle_garbage.pt",
+    ),
+    (
         "train resume conflicting",
         ["train", "--resume_from", "{w}/ckpts/checkpoint_step_6.pt", "--n_layer", "3"],
         "conflict",
@@ -606,6 +615,16 @@ BAD_INPUTS = [
         "not empty",
     ),
     ("export garbage", ["export", "{w}/garbage.pt", "{w}/export_new"], "garbage.pt"),
+    (
+        "export pickle-header garbage",
+        ["export", "{w}/pickle_garbage.pt", "{w}/export_new"],
+        "pickle_garbage.pt",
+    ),
+    (
+        "evaluate pickle-header garbage",
+        ["evaluate", "--checkpoint", "{w}/pickle_garbage.pt", "--data_dir", "{w}/data"],
+        "pickle_garbage.pt",
+    ),
     ("unknown command", ["frobnicate"], "unknown command"),
 ]
 

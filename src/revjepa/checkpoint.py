@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -91,13 +92,27 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             tmp.unlink()
 
 
+def _load_quietly(path: Path) -> Any:
+    """torch.load whose warnings reach the user only when the load succeeds.
+
+    A corrupted file whose first bytes happen to look like a pickle header makes torch warn
+    about the protocol before it fails; that warning is noise next to our one-line error.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return state
+
+
 def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """Load with weights_only=True and verify the checksum; UserError naming the file if bad."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_quietly(path)
     except (
         RuntimeError,
         EOFError,
