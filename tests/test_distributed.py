@@ -208,8 +208,10 @@ def test_infonce_negatives_are_per_rank(data_dir, tmp_path):
     with torch.no_grad():
         halves = [model(seq[r * 16 : (r + 1) * 16], kind[r * 16 : (r + 1) * 16]) for r in (0, 1)]
         whole = model(seq, kind)
-    per_rank = sum(float(h.jepa_sum) for h in halves) / sum(float(h.jepa_count) for h in halves)
-    gathered = float(whole.jepa_sum) / float(whole.jepa_count)
+    per_rank = sum(float(h.sums["jepa"]) for h in halves) / sum(
+        float(h.counts["jepa"]) for h in halves
+    )
+    gathered = float(whole.sums["jepa"]) / float(whole.counts["jepa"])
     assert logged == pytest.approx(per_rank, rel=1e-5)
     assert abs(per_rank - gathered) > 1e-3  # the two definitions really differ here
 

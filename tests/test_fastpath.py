@@ -332,10 +332,10 @@ def _losses_and_grads(ds, ops: str, bucket: int, monkeypatch, dtype=None):
     assert 0 < int((kind == KIND_ID["train"]).sum()) < 21
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
         out = model(seq, kind)
-    loss = out.ntp_sum / out.ntp_count + out.jepa_sum / out.jepa_count
+    loss = out.sums["ntp"] / out.counts["ntp"] + out.sums["jepa"] / out.counts["jepa"]
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.ntp_sum.item(), out.jepa_sum.item(), grads
+    return out.sums["ntp"].item(), out.sums["jepa"].item(), grads
 
 
 @pytest.mark.parametrize("ops", ["eager", pytest.param("c", marks=needs_kernels)])

@@ -261,10 +261,10 @@ def test_one_pass_equals_separate_hf_passes(comb_ds, k, positions, monkeypatch):
 
     # the JEPA distance of the one pass equals the distance from the separate passes
     expected = cosine_dist_by_hand(pred_sep, target_sep)
-    assert out.jepa_count.item() == n_j
-    assert out.jepa_sum.dtype == torch.float32
-    assert out.jepa_sum.item() == pytest.approx(expected.sum().item(), abs=1e-5)
-    model_mean = (out.jepa_sum / out.jepa_count).item()
+    assert out.counts["jepa"].item() == n_j
+    assert out.sums["jepa"].dtype == torch.float32
+    assert out.sums["jepa"].item() == pytest.approx(expected.sum().item(), abs=1e-5)
+    model_mean = (out.sums["jepa"] / out.counts["jepa"]).item()
     assert model_mean == pytest.approx(expected.mean().item(), abs=1e-5)
     by_library = jepa_distance(pred_sep, target_sep, "cosine", 0.07).mean().item()
     assert model_mean == pytest.approx(by_library, abs=1e-5)
@@ -279,8 +279,8 @@ def test_jepa_sum_every_metric_matches_separate_passes(abstract_ds, metric):
         out = model(seq, kind)
         pred, target = separate_pred_target(model, seq[kind == TRAIN], 2, ds.vocab, ds.entity_len)
     expected = distance_by_hand(pred, target, metric, 0.5)
-    assert out.jepa_count.item() == 6
-    assert out.jepa_sum.item() == pytest.approx(expected.sum().item(), rel=1e-5, abs=1e-5)
+    assert out.counts["jepa"].item() == 6
+    assert out.sums["jepa"].item() == pytest.approx(expected.sum().item(), rel=1e-5, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- 2. NTP == HF loss
@@ -300,7 +300,7 @@ def test_ntp_matches_hf_loss_and_logits(request, ds_name, use_jepa, positions, c
     with torch.no_grad():
         out = model(seq, kind, with_logits=True)
         ref = model.lm(seq, labels=labels)
-    assert out.ntp_count.item() == len(seq) * e
+    assert out.counts["ntp"].item() == len(seq) * e
     # logits in batch order at the positions that predict the e2 tokens
     assert out.logits is not None and out.logits.shape == (len(seq), e, ds.vocab.size)
     ref_logits = ref.logits[:, e + 1 : 2 * e + 1]
@@ -310,11 +310,11 @@ def test_ntp_matches_hf_loss_and_logits(request, ds_name, use_jepa, positions, c
     # order and another cross-entropy kernel (~1e-7 relative): rel=1e-6 alone was up to 20%
     # used by logit differences of ~3e-6
     bound = 2 * (out.logits - ref_logits).abs().max().item() + 1e-5 * ref.loss.item()
-    assert abs((out.ntp_sum / out.ntp_count).item() - ref.loss.item()) <= bound
+    assert abs((out.sums["ntp"] / out.counts["ntp"]).item() - ref.loss.item()) <= bound
     # and the NTP loss is the cross-entropy of those logits, computed by hand
     logp = out.logits.double().log_softmax(-1)
     by_hand = -logp.gather(-1, seq[:, e + 2 :, None]).sum()
-    assert out.ntp_sum.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert out.sums["ntp"].item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
 def test_per_layer_logits_match_hf_hidden_states(comb_ds):
@@ -382,8 +382,8 @@ def test_no_reverse_block_for_atomic_or_test_items(comb_ds, monkeypatch):
     kind = torch.tensor([ATOMIC] * 4 + [TEST] * 3)
     with torch.no_grad():
         out = model(seq, kind)
-    assert out.jepa_count.item() == 0
-    assert out.jepa_sum.item() == 0.0
+    assert out.counts["jepa"].item() == 0
+    assert out.sums["jepa"].item() == 0.0
     assert out.jepa_embeddings().shape[0] == 0
     ids, _ = spy.calls[0]
     real_rows = ids[(ids != ds.vocab.pad_id).any(1)]
@@ -414,13 +414,13 @@ def test_only_train_items_get_a_reverse_block(comb_ds, monkeypatch):
         assert torch.equal(rows[:, :big_l], train)
         assert torch.equal(rows[:, big_l + 1 :], hand_reverse(train, ds.vocab, e))
         assert all(tuple(r) in train_facts for r in rows[:, :big_l].tolist())
-        assert out.jepa_count.item() == comp[0]
+        assert out.counts["jepa"].item() == comp[0]
     # items of kind atomic/test are never reversed even when their tokens are train-like
     seq, kind = mixed_batch(ds, 5, 3, 2)
     fake = kind.clone()
     fake[kind == TRAIN] = ATOMIC
     out, rows = jepa_rows(seq, fake)
-    assert rows.shape[0] == 0 and out.jepa_count.item() == 0 and out.jepa_sum.item() == 0.0
+    assert rows.shape[0] == 0 and out.counts["jepa"].item() == 0 and out.sums["jepa"].item() == 0.0
 
 
 # ----------------------------------------------------------------------------- 4. distances
@@ -492,20 +492,20 @@ def test_jepa_keep_masks_items(comb_ds):
         full = model(seq, kind)
         none_kept = model(seq, kind, jepa_keep=torch.zeros(len(seq), dtype=torch.bool))
         all_kept = model(seq, kind, jepa_keep=torch.ones(len(seq), dtype=torch.bool))
-    assert out.jepa_count.item() == 3
-    assert out.jepa_sum.item() == pytest.approx(per_item[[0, 2, 3]].sum().item(), abs=1e-5)
-    assert full.jepa_count.item() == 6
-    assert full.jepa_sum.item() == pytest.approx(per_item.sum().item(), abs=1e-5)
-    assert none_kept.jepa_count.item() == 0 and none_kept.jepa_sum.item() == 0.0
-    assert all_kept.jepa_sum.item() == pytest.approx(full.jepa_sum.item(), abs=1e-6)
+    assert out.counts["jepa"].item() == 3
+    assert out.sums["jepa"].item() == pytest.approx(per_item[[0, 2, 3]].sum().item(), abs=1e-5)
+    assert full.counts["jepa"].item() == 6
+    assert full.sums["jepa"].item() == pytest.approx(per_item.sum().item(), abs=1e-5)
+    assert none_kept.counts["jepa"].item() == 0 and none_kept.sums["jepa"].item() == 0.0
+    assert all_kept.sums["jepa"].item() == pytest.approx(full.sums["jepa"].item(), abs=1e-6)
     # loss dropout never touches NTP
-    assert out.ntp_sum.item() == pytest.approx(full.ntp_sum.item(), abs=1e-6)
+    assert out.sums["ntp"].item() == pytest.approx(full.sums["ntp"].item(), abs=1e-6)
 
 
 def _losses_grads_logits(model, seq, kind, keep, fixed: bool):
     model.zero_grad(set_to_none=True)
     out = model.losses(*model.prepare(seq, kind, keep, fixed_shapes=fixed), with_logits=True)
-    loss = out.ntp_sum / out.ntp_count + out.jepa_sum / out.jepa_count.clamp(min=1)
+    loss = sum(out.sums[n] / out.counts[n].clamp(min=1) for n in model.loss_terms)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
@@ -540,10 +540,13 @@ def test_fixed_shapes_give_the_same_losses_gradients_and_logits(
     a, ga = _losses_grads_logits(model, seq, kind, keep, fixed=False)
     f, gf = _losses_grads_logits(model, seq, kind, keep, fixed=True)
     n_j = int((kind == TRAIN).sum()) if use_jepa else 0
-    assert a.ntp_sum.item() == pytest.approx(f.ntp_sum.item(), rel=1e-5)
+    assert a.sums["ntp"].item() == pytest.approx(f.sums["ntp"].item(), rel=1e-5)
     kept = int((keep & (kind == TRAIN)).sum()) if use_jepa else 0
-    assert a.jepa_count.item() == f.jepa_count.item() == kept
-    assert a.jepa_sum.item() == pytest.approx(f.jepa_sum.item(), rel=1e-5, abs=1e-6)
+    if use_jepa:
+        assert a.counts["jepa"].item() == f.counts["jepa"].item() == kept
+        assert a.sums["jepa"].item() == pytest.approx(f.sums["jepa"].item(), rel=1e-5, abs=1e-6)
+    else:
+        assert list(a.sums) == list(f.sums) == ["ntp"] and kept == 0
     torch.testing.assert_close(a.logits, f.logits, atol=1e-5, rtol=1e-5)
     if use_jepa:
         assert a.jepa_embeddings().shape == f.jepa_embeddings().shape == (n_j, 32)
@@ -577,14 +580,14 @@ def test_gradients_from_both_losses(comb_ds, tie):
     block_w = lm.transformer.h[0].attn.c_attn.weight
 
     out = model(seq, kind)
-    out.ntp_sum.backward()
+    out.sums["ntp"].backward()
     assert lm.lm_head.weight.grad is not None and lm.lm_head.weight.grad.abs().sum() > 0
     assert block_w.grad is not None and block_w.grad.abs().sum() > 0
     assert lm.transformer.wpe.weight.grad is None  # frozen without positions
     model.zero_grad(set_to_none=True)
 
     out = model(seq, kind)
-    out.jepa_sum.backward()
+    out.sums["jepa"].backward()
     assert block_w.grad is not None and block_w.grad.abs().sum() > 0
     assert lm.transformer.h[1].mlp.c_fc.weight.grad.abs().sum() > 0
     assert lm.transformer.wte.weight.grad.abs().sum() > 0
@@ -606,7 +609,7 @@ def test_no_jepa_work_when_off(comb_ds, monkeypatch, objective):
     seq, kind = mixed_batch(ds)
     with torch.no_grad():
         out = model(seq, kind)
-    assert out.jepa_count.item() == 0 and out.jepa_sum.item() == 0.0
+    assert list(out.sums) == list(out.counts) == ["ntp"]  # no JEPA term at all, not a zero
     assert out.pred_embeddings is None
     ids, _ = spy.calls[0]
     assert ids.shape == (ROW_BUCKET, 2 * seq.shape[1])  # no <PRED>, no reverse block
@@ -667,7 +670,10 @@ def test_gpt2jepa_state_dict_and_position_limit(comb_ds):
     seq, kind = mixed_batch(ds)
     with torch.no_grad():
         a, b = model(seq, kind), other(seq, kind)
-    assert a.ntp_sum.item() == b.ntp_sum.item() and a.jepa_sum.item() == b.jepa_sum.item()
+    assert (
+        a.sums["ntp"].item() == b.sums["ntp"].item()
+        and a.sums["jepa"].item() == b.sums["jepa"].item()
+    )
     # n_positions must hold a forward block + k <PRED> tokens (6 + 4 = 10)
     mc = ModelConfig(n_layer=1, n_embd=8, n_head=2, n_positions=9)
     with pytest.raises(UserError, match="n_positions"):

@@ -234,7 +234,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(data_dir, tmp_path, monkeypatc
         if self.training:
             calls["n"] += 1
             if calls["n"] in poison["steps"]:
-                out.ntp_sum = out.ntp_sum * float("nan")
+                out.sums["ntp"] = out.sums["ntp"] * float("nan")
         return out
 
     monkeypatch.setattr(model_module.GPT2Jepa, "forward", forward)

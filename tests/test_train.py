@@ -500,7 +500,8 @@ def test_real_compile_of_the_losses_matches_eager_and_compiles_once(small_dir):
 
     def loss_and_grads(run_model, seq, kind, keep):
         ctx = StepContext(run_model, None, None, [], oc, "fp32", cpu, 1, 0.0)
-        _, loss, ntp, jepa = forward_losses(ctx, Batch(seq, kind, keep))
+        _, loss, means = forward_losses(ctx, Batch(seq, kind, keep))
+        ntp, jepa = means["ntp"], means["jepa"]
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
@@ -596,7 +597,7 @@ def test_train_step_update_equals_clip_grad_norm_then_adamw(small_dir, max_norm)
 
     ref_opt = adamw(reference, False)
     ref_ctx = StepContext(reference, None, None, [], oc, "fp32", cpu, 1, 0.0)
-    _, loss, _, _ = forward_losses(ref_ctx, Batch(seq, kind, None))
+    _, loss, _ = forward_losses(ref_ctx, Batch(seq, kind, None))
     loss.backward()
     ref_params = [p for p in reference.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(ref_params, max_norm if max_norm > 0 else math.inf)

@@ -116,7 +116,7 @@ def test_step_cost_matches_torch_flop_counter(data_dir, family, model_kw, object
     seq, kind = ds.train.seq[:32], ds.train.kind[:32]
     with FlopCounterMode(display=False) as counter:
         out = model(seq, kind)
-        (out.ntp_sum + out.jepa_sum).backward()
+        sum(out.sums.values()).backward()
     counted = counter.get_total_flops()
     cost = model.step_cost(kind)
     assert cost.flops == pytest.approx(counted, rel=0.12)
@@ -159,3 +159,52 @@ def test_collectives_are_no_ops_in_one_process():
     assert d.broadcast_from_main(0.25, cpu) == 0.25
     d.barrier()
     assert math.isinf(d.broadcast_from_main(-math.inf, cpu))
+
+
+@pytest.mark.parametrize(
+    "flags, terms",
+    [
+        ([], ("ntp", "jepa")),
+        (["--no_jepa"], ("ntp",)),
+        (["--model_family", "concept_jepa"], ("jepa",)),
+    ],
+)
+def test_each_family_logs_its_own_named_loss_terms(data_dir, tmp_path, flags, terms):
+    """A log record has one `<term>_loss` per term the family computes (never a stand-in 0),
+    and `loss` is the objective over exactly those terms."""
+    run = tmp_path / "run"
+    args = ["--max_steps", "4", "--log_interval", "2", "--eval_steps", "100", *flags]
+    argv = ["train", "--data_dir", str(data_dir), "--output_dir", str(run), *TINY, *args]
+    assert main(argv) == 0
+    objective = ObjectiveConfig(**json.loads((run / "training_args.json").read_text())["objective"])
+    logs = [r for r in records(run) if "loss" in r]
+    assert [r["step"] for r in logs] == [2, 4]
+    for r in logs:
+        trained = sorted(k for k in r if k.endswith("_loss") and not k.startswith("eval_"))
+        assert trained == sorted(f"{t}_loss" for t in terms)
+        by_hand = sum(objective.weight(t) * r[f"{t}_loss"] for t in terms)
+        assert r["loss"] == pytest.approx(by_hand, rel=1e-12) and r[f"{terms[-1]}_loss"] > 0
+
+
+def test_log_window_reads_older_checkpoints_and_refuses_other_terms():
+    from revjepa.errors import UserError
+    from revjepa.train import LogWindow
+
+    # checkpoints written before the families named their terms hold (ntp, jepa) sums
+    legacy = {"sums": torch.tensor([0.0, 8.5]), "steps": 2}
+    concept = LogWindow(("jepa",), torch.device("cpu"))
+    concept.load_state_dict(legacy, main=True)
+    assert concept.sums.tolist() == [8.5] and concept.steps == 2
+    assert concept.means(concept.sums) == {"jepa": 4.25}
+    ntp_only = LogWindow(("ntp",), torch.device("cpu"))
+    ntp_only.load_state_dict({"sums": torch.tensor([3.0, 0.0]), "steps": 1}, main=True)
+    assert ntp_only.sums.tolist() == [3.0]
+    # a non-main rank keeps the steps but not the sums (rank 0 holds the window's share)
+    other_rank = LogWindow(("jepa",), torch.device("cpu"))
+    other_rank.load_state_dict(legacy, main=False)
+    assert other_rank.sums.tolist() == [0.0] and other_rank.steps == 2
+    # round trip of the new format, and a window of other terms is refused by name
+    state = concept.state_dict(concept.sums)
+    assert state["terms"] == ["jepa"]
+    with pytest.raises(UserError, match=r"\['ntp'\]"):
+        LogWindow(("ntp", "jepa"), torch.device("cpu")).load_state_dict(state, main=True)

@@ -65,7 +65,7 @@ def compiled_or_eager(
     t0 = time.perf_counter()
     try:
         for _ in range(probe_steps):
-            _, loss, _, _ = forward_losses(ctx, batch)
+            _, loss, _ = forward_losses(ctx, batch)
             loss.backward()
             # as train_step does: under CUDA graphs the gradients are graph outputs that the
             # next replay overwrites, so a second backward must not accumulate into them

@@ -131,6 +131,7 @@ class ConceptJepa(LossFamily):
     family = "concept_jepa"
     headline_metric = "concept_mrr_full"  # evaluation metric that picks best_model.pt
     comparable_metric = "concept_mrr_full"  # already the rank among all entities
+    loss_terms = ("jepa",)  # the concept-level contrastive loss only: this family has no NTP
 
     @classmethod
     def build(cls, model_cfg, objective, vocab, entity_len, train_seq=None) -> ConceptJepa:
@@ -376,18 +377,13 @@ class ConceptJepa(LossFamily):
         patches, concepts, pred, _ = self.encode(seq)
         logits, labels = self.in_batch_logits(pred, patches, concepts)
         loss = F.cross_entropy(logits, labels, reduction="none")
-        zero = loss.new_zeros(())
         if jepa_keep is None:
             total, count = loss.sum(), loss.new_full((), float(loss.shape[0]))
         else:
             keep = jepa_keep.to(loss.dtype)
             total, count = (loss * keep).sum(), keep.sum()
         return LossOutput(
-            ntp_sum=zero,
-            ntp_count=zero,
-            jepa_sum=total,
-            jepa_count=count,
-            pred_embeddings=pred.detach(),
+            sums={"jepa": total}, counts={"jepa": count}, pred_embeddings=pred.detach()
         )
 
     @staticmethod

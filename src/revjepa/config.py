@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CONCEPT_NORMS = ("rms", "layernorm")
 CONCEPT_CANDIDATES = ("all", "entities")
 ON_OFF = ("on", "off")
+# The named loss terms a family may declare (`LossFamily.loss_terms`) and their weights.
+LOSS_TERM_WEIGHTS = {"ntp": "gamma_ntp", "jepa": "lambda_jepa"}
 REPORT_BACKENDS = ("tensorboard", "wandb")  # --report_to (tracking.py); "all" = every one
 
 # Named partial configurations (`--preset NAME`; explicit flags override them). The ws_* ones are
@@ -144,9 +147,20 @@ class ObjectiveConfig:
     def jepa_active(self) -> bool:
         return self.use_jepa and self.lambda_jepa != 0.0
 
-    def total(self, ntp, jepa):
-        """The training objective: gamma x NTP + lambda x JEPA (tensors or floats)."""
-        return self.gamma_ntp * ntp + (self.lambda_jepa * jepa if self.jepa_active else 0.0)
+    def weight(self, term: str) -> float:
+        """The weight of a named loss term in the objective (`ntp`: gamma, `jepa`: lambda)."""
+        if term not in LOSS_TERM_WEIGHTS:
+            raise ValueError(f"unknown loss term {term!r}")
+        return getattr(self, LOSS_TERM_WEIGHTS[term])
+
+    def total(self, means: Mapping[str, Any]) -> Any:
+        """The training objective: each of a family's named loss terms (tensors or floats) times
+        its weight, summed in the family's order (gamma x NTP + lambda x JEPA)."""
+        parts = [self.weight(name) * value for name, value in means.items()]
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
 
 
 @dataclass

@@ -121,10 +121,8 @@ def gpt2_hidden_states(
 class LossOutput:
     """Sums and counts (not means) so that callers can normalise by global counts under DDP."""
 
-    ntp_sum: torch.Tensor
-    ntp_count: torch.Tensor
-    jepa_sum: torch.Tensor
-    jepa_count: torch.Tensor
+    sums: dict[str, torch.Tensor]  # per named loss term of the family (`loss_terms`), in order
+    counts: dict[str, torch.Tensor]  # the items each sum is over
     pred_embeddings: torch.Tensor | None = None  # (n, d), detached, for the collapse signal
     pred_rows: torch.Tensor | None = None  # (n,) bool: which pred_embeddings are real (None: all)
     logits: torch.Tensor | None = None  # (B, E, V) float32 in batch order, when asked
@@ -183,7 +181,8 @@ class LossFamily(nn.Module):
     this model calls, plain torch unless set up otherwise (`revjepa.cpu.use_cpu_kernels`).
 
     The rest of the contract, which every family defines: `family` (its registry name,
-    families.py), `headline_metric` (the evaluation metric that picks best_model.pt),
+    families.py), `loss_terms` (the names of its loss sums: `ntp`, `jepa`, weighted by
+    `ObjectiveConfig.total`; each is logged as `<name>_loss`), `headline_metric` (the evaluation metric that picks best_model.pt),
     `step_cost(kind)` (tokens and FLOPs of a training step), `evaluate_split(split,
     batch_size, per_layer, entity_mrr)` (its metrics), `format_table(results)` (its evaluation
     table), `hf_state_dict` / `load_hf_state_dict` (checkpoint weights), optionally
@@ -193,6 +192,7 @@ class LossFamily(nn.Module):
 
     family: str
     headline_metric: str
+    loss_terms: tuple[str, ...]  # the named terms of `LossOutput.sums`, weighted by the config
     comparable_metric: str  # the metric on one scale with every family's (revjepa report)
     ops: StepOps = TORCH_OPS
 
@@ -234,6 +234,10 @@ class GPT2Jepa(LossFamily):
     family = "gpt2_jepa"
     headline_metric = "mrr"  # evaluation metric that picks best_model.pt
     comparable_metric = "entity_mrr"  # rank among all entities: comparable across families
+
+    @property
+    def loss_terms(self) -> tuple[str, ...]:
+        return ("ntp", "jepa") if self.jepa else ("ntp",)
 
     @classmethod
     def build(cls, model_cfg, objective, vocab, entity_len, train_seq=None) -> GPT2Jepa:
@@ -424,10 +428,8 @@ class GPT2Jepa(LossFamily):
         else:  # training: the (B * E, V) logits never leave the loss
             ntp_sum = tied.cross_entropy_sum(scored.flatten(0, 1), targets.flatten())
         out = LossOutput(
-            ntp_sum=ntp_sum,
-            ntp_count=torch.full((), float(b * e), device=seq.device),  # a fill, not a copy
-            jepa_sum=h.new_zeros((), dtype=torch.float32),
-            jepa_count=torch.zeros((), device=seq.device),
+            sums={"ntp": ntp_sum},
+            counts={"ntp": torch.full((), float(b * e), device=seq.device)},  # a fill, not a copy
         )
         if self.jepa:
             self.add_jepa_terms(out, h, jepa_row.bool(), slot0, jepa_keep, seq.shape[1])
@@ -474,8 +476,8 @@ class GPT2Jepa(LossFamily):
         weight = is_jepa
         if jepa_keep is not None:
             weight = weight & torch.cat([jepa_keep.bool(), jepa_keep.new_zeros(1).bool()])[slot0]
-        out.jepa_sum = torch.where(weight, dist, 0.0).sum()
-        out.jepa_count = weight.sum().float()
+        out.sums["jepa"] = torch.where(weight, dist, 0.0).sum()
+        out.counts["jepa"] = weight.sum().float()
         out.pred_embeddings = pred.detach()
         out.pred_rows = is_jepa
 
@@ -512,7 +514,7 @@ class GPT2Jepa(LossFamily):
         device = next(self.parameters()).device
         seq, kind = split.seq.to(device), split.kind.to(device)
         e = seq.shape[1] // 2 - 1
-        sums = {"ntp_sum": 0.0, "ntp_count": 0.0, "jepa_sum": 0.0, "jepa_count": 0.0}
+        sums, counts = dict.fromkeys(self.loss_terms, 0.0), dict.fromkeys(self.loss_terms, 0.0)
         items: dict[str, list[torch.Tensor]] = {}
         layer_items: list[dict[str, list[torch.Tensor]]] = []
         entity = self.entity_setup(seq) if entity_mrr else None
@@ -521,7 +523,8 @@ class GPT2Jepa(LossFamily):
             s, k = seq[start : start + batch_size], kind[start : start + batch_size]
             out = self(s, k, with_logits=True, per_layer=per_layer)
             for name in sums:
-                sums[name] += float(getattr(out, name))
+                sums[name] += float(out.sums[name])
+                counts[name] += float(out.counts[name])
             for name, value in item_metrics(out.logits, s[:, e + 2 :]).items():
                 items.setdefault(name, []).append(value.cpu())
             if entity is not None:
@@ -539,13 +542,14 @@ class GPT2Jepa(LossFamily):
                         store.setdefault(name, []).append(value.cpu())
         self.train(was_training)
         objective = self.objective
-        ntp = sums["ntp_sum"] / max(sums["ntp_count"], 1.0)
-        jepa = sums["jepa_sum"] / sums["jepa_count"] if sums["jepa_count"] else 0.0
+        # a split without JEPA items (or a run without JEPA) has a JEPA loss of 0: the
+        # evaluation table keeps both columns for every run of the family
+        means = {name: sums[name] / counts[name] if counts[name] else 0.0 for name in sums}
         n = int(seq.shape[0])
         result: dict[str, Any] = {
-            "loss": objective.total(ntp, jepa),
-            "ntp_loss": ntp,
-            "jepa_loss": jepa,
+            "loss": objective.total(means),
+            "ntp_loss": means["ntp"],
+            "jepa_loss": means.get("jepa", 0.0),
             **summarise(items),
             "num_samples": n,
         }

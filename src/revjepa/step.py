@@ -89,23 +89,24 @@ class StepContext:
 class StepResult:
     out: Any  # the model's LossOutput
     loss: torch.Tensor
-    ntp: torch.Tensor
-    jepa: torch.Tensor
+    terms: dict[str, torch.Tensor]  # the mean of each of the family's named loss terms
     grad_norm: torch.Tensor
     bad: torch.Tensor  # True when the update was skipped (non-finite)
 
 
 def forward_losses(ctx: StepContext, batch: Batch):
-    """The forward half of a step: (model output, total loss, NTP mean, JEPA mean), the means
-    normalised by the GLOBAL counts so that gradients are equal whatever the world size."""
+    """The forward half of a step: (model output, total loss, the mean of each named loss
+    term), the means normalised by the GLOBAL counts so that gradients are equal whatever the
+    world size."""
     with autocast(ctx.device, ctx.precision):
         out = ctx.run_model(batch.seq, batch.kind, batch.keep)
-    counts = torch.stack([out.ntp_count, out.jepa_count]).float()
+    counts = torch.stack(list(out.counts.values())).float()
     if ctx.world > 1:
         dist.all_reduce(counts)
-    ntp = out.ntp_sum / counts[0].clamp(min=1)
-    jepa = out.jepa_sum / counts[1].clamp(min=1)
-    return out, ctx.objective.total(ntp, jepa), ntp, jepa
+    means = {
+        name: total / counts[i].clamp(min=1) for i, (name, total) in enumerate(out.sums.items())
+    }
+    return out, ctx.objective.total(means), means
 
 
 def train_step(ctx: StepContext, batch: Batch, lr: float, step_index: int = -1) -> StepResult:
@@ -113,7 +114,7 @@ def train_step(ctx: StepContext, batch: Batch, lr: float, step_index: int = -1) 
     optimizer = ctx.optimizer
     for group in optimizer.param_groups:
         group["lr"] = lr
-    out, loss, ntp, jepa = forward_losses(ctx, batch)
+    out, loss, means = forward_losses(ctx, batch)
     ctx.scaler.scale(loss * ctx.world).backward()  # DDP averages gradients over ranks
     if crash_requested("step", step_index):
         crash()
@@ -130,4 +131,5 @@ def train_step(ctx: StepContext, batch: Batch, lr: float, step_index: int = -1) 
         optimizer.found_inf = bad.float()  # the fused AdamW skips the update when set
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(out, loss.detach(), ntp.detach(), jepa.detach(), grad_norm, bad)
+    terms = {name: mean.detach() for name, mean in means.items()}
+    return StepResult(out, loss.detach(), terms, grad_norm, bad)

@@ -417,26 +417,44 @@ def _wrap_model(run: Run, use_compile: bool, cuda_graphs: bool) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-class LogWindow:
-    """Sums of the current log window (this rank's share of the global NTP and JEPA means) and
-    its step count; saved in checkpoints so that a resumed run writes exactly the records of
-    an uninterrupted one."""
+# The log window of checkpoints written before the families named their loss terms.
+LEGACY_WINDOW_TERMS = ("ntp", "jepa")
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(2, device=device)
+
+class LogWindow:
+    """Sums of the current log window (this rank's share of the global mean of each of the
+    family's named loss terms) and its step count; saved in checkpoints so that a resumed run
+    writes exactly the records of an uninterrupted one."""
+
+    def __init__(self, terms: tuple[str, ...], device: torch.device) -> None:
+        self.terms = tuple(terms)
+        self.sums = torch.zeros(len(self.terms), device=device)
         self.steps = 0
 
     def add(self, res: StepResult) -> None:
-        self.sums += torch.stack([res.ntp, res.jepa]).float()
+        self.sums += torch.stack([res.terms[name] for name in self.terms]).float()
         self.steps += 1
 
+    def means(self, sums: torch.Tensor) -> dict[str, float]:
+        """The window's mean of each term, from its sums (all ranks' where all-reduced)."""
+        return dict(zip(self.terms, (sums / self.steps).tolist()))
+
     def state_dict(self, sums: torch.Tensor) -> dict[str, Any]:
-        return {"sums": sums.detach().cpu(), "steps": self.steps}
+        return {"terms": list(self.terms), "sums": sums.detach().cpu(), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any], main: bool) -> None:
+        stored = tuple(state.get("terms", LEGACY_WINDOW_TERMS))
+        missing = [name for name in self.terms if name not in stored]
+        if missing:
+            raise UserError(
+                f"the checkpoint's log window has the loss terms {list(stored)}, not {missing}: "
+                "it was written by another model setup"
+            )
         self.steps = int(state["steps"])
         if main:
-            self.sums += state["sums"].to(self.sums.device)
+            # an older checkpoint may hold a term this family no longer logs (an NTP of 0)
+            picked = state["sums"][[stored.index(name) for name in self.terms]]
+            self.sums += picked.to(self.sums.device)
 
 
 class Trainer:
@@ -445,7 +463,7 @@ class Trainer:
     def __init__(self, run: Run, preempt: Preemption) -> None:
         self.run, self.preempt = run, preempt
         self.step = run.start_step
-        self.window = LogWindow(run.device)
+        self.window = LogWindow(run.model.loss_terms, run.device)
         if run.state is not None and "log_window" in run.state:
             self.window.load_state_dict(run.state["log_window"], run.dist.main)
         tc = run.config.train
@@ -540,16 +558,14 @@ class Trainer:
     def log_record(self, res: StepResult) -> dict[str, Any]:
         """The training record of a log step: the window's means over all ranks, lr, speed."""
         run = self.run
-        sums = run.dist.all_reduce_sum(self.window.sums)
-        ntp_mean, jepa_mean = (sums / self.window.steps).tolist()
+        means = self.window.means(run.dist.all_reduce_sum(self.window.sums))
         now = time.perf_counter()
         record: dict[str, Any] = dict(
             step=self.step,
             epoch=self.step / run.steps_per_epoch,
             lr=self.lr,
-            loss=run.config.objective.total(ntp_mean, jepa_mean),
-            ntp_loss=ntp_mean,
-            jepa_loss=jepa_mean,
+            loss=run.config.objective.total(means),
+            **{f"{name}_loss": mean for name, mean in means.items()},
             grad_norm=float(res.grad_norm),
             steps_per_s=(self.step - self.step_last) / max(now - self.t_last, 1e-9),
             # every rank's batch costs about what rank 0's does: x world for the job
