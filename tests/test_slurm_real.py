@@ -370,47 +370,47 @@ def test_usr1_reaches_every_srun_task_and_the_job_resumes(cluster):
     assert steps_of(run) == list(range(10, 801, 10))
 
 
-def test_sweep_job_array_runs_every_task_and_report_reads_it(cluster, tmp_path):
-    """`revjepa sweep --executor slurm`: one array task per run under the real SLURM, at most
-    two at once; every run ends trained and evaluated, and `revjepa report` reads the sweep."""
+def submit_sweep(cluster: dict, tmp_path: Path, name: str, **spec: object) -> tuple[Path, str]:
+    """Write a tiny CPU sweep spec (1-block model, 200 entities, 1-CPU tasks on the local
+    partition; `spec` adds or overrides top-level keys and `base` flags), submit it with
+    `revjepa sweep --executor slurm` and return the sweep directory and the array's job id."""
     import yaml
 
-    spec = {
-        "name": "arr",
+    base = {
+        "n_layer": 1, "n_embd": 32, "n_head": 2, "batch_size": 16, "dropout": 0,
+        "save_step_dense": 0, "device": "cpu", **spec.pop("base", {}),
+    }  # fmt: skip
+    doc = {
+        "name": name,
         "data": {"num_ga_entities": 200, "gb_ratio": 0.5, "num_rel_pairs": 2, "test_size": 20},
-        "base": {
-            "n_layer": 1,
-            "n_embd": 32,
-            "n_head": 2,
-            "batch_size": 16,
-            "dropout": 0,
-            "max_steps": 20,
-            "save_steps": 10,
-            "save_step_dense": 0,
-            "save_step_dense_interval": 10,
-            "eval_steps": 10,
-            "log_interval": 10,
-            "device": "cpu",
-        },  # fmt: skip
-        "variants": {"ntp": {"no_jepa": True}, "jepa": {}},
-        "seeds": [0, 1],
-        "slurm": {
-            "partition": "cpu",
-            "cpus_per_task": 1,
-            "mem": "1G",
-            "setup": ["export OMP_NUM_THREADS=1"],
-        },  # fmt: skip
-    }
+        "base": base,
+        "seeds": [0],
+        "slurm": {"partition": "cpu", "cpus_per_task": 1, "mem": "1G",
+                  "setup": ["export OMP_NUM_THREADS=1"]},
+        **spec,
+    }  # fmt: skip
+    sweep_args = doc.pop("sweep_args", [])
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    spec_file.write_text(yaml.safe_dump(doc, sort_keys=False))
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "revjepa", "sweep", str(spec_file), "--out", str(out),
-         "--executor", "slurm", "--max_concurrent", "2"],
+         "--executor", "slurm", *sweep_args],
         env=cluster["env"], capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.split("submitted job array ")[1].split(":")[0]
+    return out, proc.stdout.split("submitted job array ")[1].split(":")[0]
+
+
+def test_sweep_job_array_runs_every_task_and_report_reads_it(cluster, tmp_path):
+    """`revjepa sweep --executor slurm`: one array task per run under the real SLURM, at most
+    two at once; every run ends trained and evaluated, and `revjepa report` reads the sweep."""
+    base = {"max_steps": 20, "save_steps": 10, "save_step_dense_interval": 10,
+            "eval_steps": 10, "log_interval": 10}  # fmt: skip
+    out, job = submit_sweep(
+        cluster, tmp_path, "arr", base=base, seeds=[0, 1],
+        variants={"ntp": {"no_jepa": True}, "jepa": {}}, sweep_args=["--max_concurrent", "2"],
+    )  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline:
         queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env=cluster["env"],
@@ -443,44 +443,9 @@ def test_sweep_job_array_runs_every_task_and_report_reads_it(cluster, tmp_path):
 def test_sweep_task_on_usr1_checkpoints_requeues_and_finishes(cluster, tmp_path):
     """The sweep array's preemption handling, as train_jepa_osc.sh's: USR1 to a task makes
     its run checkpoint, the task is requeued, resumes and ends done; each step logged once."""
-    import yaml
-
-    spec = {
-        "name": "pre",
-        "data": {"num_ga_entities": 200, "gb_ratio": 0.5, "num_rel_pairs": 2, "test_size": 20},
-        "base": {
-            "n_layer": 1,
-            "n_embd": 32,
-            "n_head": 2,
-            "batch_size": 16,
-            "dropout": 0,
-            "max_steps": 1500,
-            "save_steps": 100000,
-            "save_step_dense": 0,
-            "save_step_dense_interval": 100000,
-            "eval_steps": 1500,
-            "log_interval": 10,
-            "device": "cpu",
-            "no_jepa": True,
-        },  # fmt: skip
-        "seeds": [0],
-        "slurm": {
-            "partition": "cpu",
-            "cpus_per_task": 1,
-            "mem": "1G",
-            "setup": ["export OMP_NUM_THREADS=1"],
-        },  # fmt: skip
-    }
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "revjepa", "sweep", str(spec_file), "--out", str(out),
-         "--executor", "slurm"],
-        env=cluster["env"], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    array = proc.stdout.split("submitted job array ")[1].split(":")[0]
+    base = {"max_steps": 1500, "save_steps": 100000, "save_step_dense_interval": 100000,
+            "eval_steps": 1500, "log_interval": 10, "no_jepa": True}  # fmt: skip
+    out, array = submit_sweep(cluster, tmp_path, "pre", base=base)
     run = out / "runs" / "seed0"
     wait_for_metrics(run, array, cluster)
     task = f"{array}_0"
