@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2Model
 
-import revjepa.concept as concept_module
+import revjepa.families.concept_jepa as concept_module
 from revjepa.cli import main
-from revjepa.concept import (
+from revjepa.config import ModelConfig, ObjectiveConfig, RunConfig, apply_overrides, expand_preset
+from revjepa.data import load_dataset
+from revjepa.errors import UserError
+from revjepa.evaluate import evaluate_checkpoint, format_table
+from revjepa.families.concept_jepa import (
     ConceptJepa,
     MemoryLayer,
     concept_logits,
@@ -26,10 +30,6 @@ from revjepa.concept import (
     rms_norm,
     run_blocks,
 )
-from revjepa.config import ModelConfig, ObjectiveConfig, RunConfig, apply_overrides, expand_preset
-from revjepa.data import load_dataset
-from revjepa.errors import UserError
-from revjepa.evaluate import evaluate_checkpoint, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 

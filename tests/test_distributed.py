@@ -16,7 +16,7 @@ import torch
 
 from revjepa.config import ModelConfig, ObjectiveConfig
 from revjepa.data import GenConfig, epoch_permutation, generate, load_dataset, write_generated
-from revjepa.model import GPT2Jepa
+from revjepa.families.gpt2_jepa import GPT2Jepa
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

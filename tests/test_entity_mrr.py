@@ -28,8 +28,8 @@ from revjepa.data import KIND_ID, KINDS, Split, entity_table, load_dataset, voca
 from revjepa.errors import UserError
 from revjepa.evaluate import evaluate_checkpoint, format_table
 from revjepa.families import build_model, model_from_checkpoint
+from revjepa.families.gpt2_jepa import GPT2Jepa
 from revjepa.metrics import chance_mrr, entity_trie
-from revjepa.model import GPT2Jepa
 
 ENTITY_KEYS = {"entity_mrr", "entity_acc", "num_entities"}
 N_TOKENS = 8  # entity tokens <a0>..<a7> of the hand-built vocabulary

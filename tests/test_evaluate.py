@@ -33,8 +33,8 @@ from revjepa.evaluate import (
     model_from_checkpoint,
     read_jsonl,
 )
+from revjepa.families.gpt2_jepa import GPT2Jepa
 from revjepa.metrics import item_metrics, joint_ranks, token_ranks
-from revjepa.model import GPT2Jepa
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PY = REPO / ".venv" / "bin" / "python"

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 
 import revjepa.cpu.fastpath as fastpath
 import revjepa.cpu.kernels as cpu_kernels
-import revjepa.model as model_mod
+import revjepa.families.gpt2_jepa as model_mod
 import revjepa.ops as torch_ops
 from revjepa.config import ModelConfig, ObjectiveConfig
 from revjepa.cpu import use_cpu_kernels
 from revjepa.data import KIND_ID, load_dataset
-from revjepa.model import GPT2Jepa
+from revjepa.families.gpt2_jepa import GPT2Jepa
 from revjepa.ops import LOGITS_BUFFERS
 
 needs_kernels = pytest.mark.skipif(

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-import revjepa.model as model_mod
+import revjepa.families.gpt2_jepa as model_mod
 from revjepa.config import ModelConfig, ObjectiveConfig
 from revjepa.data import (
     KIND_ID,
@@ -25,11 +25,11 @@ from revjepa.data import (
 )
 from revjepa.errors import UserError
 from revjepa.families import build_model
-from revjepa.model import (
+from revjepa.families.base import collapse_signal
+from revjepa.families.gpt2_jepa import (
     ROW_BUCKET,
     GPT2Jepa,
     build_gpt2,
-    collapse_signal,
     jepa_distance,
 )
 
@@ -188,7 +188,7 @@ def separate_pred_target(model: GPT2Jepa, fwd: torch.Tensor, k: int, vocab, e: i
 
 
 class Spy:
-    """Wrap `revjepa.model.gpt2_hidden_states` to keep the packed ids and hidden states."""
+    """Wrap `revjepa.families.gpt2_jepa.gpt2_hidden_states` to keep the packed ids and hidden states."""
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []

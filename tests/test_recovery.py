@@ -221,9 +221,9 @@ def test_disk_full_during_save_stops_cleanly(data_dir, tmp_path, monkeypatch):
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(data_dir, tmp_path, monkeypatch, capsys):
-    from revjepa import model as model_module
     from revjepa.config import ModelConfig, ObjectiveConfig
     from revjepa.data import load_dataset
+    from revjepa.families import gpt2_jepa as model_module
 
     real_forward = model_module.GPT2Jepa.forward
     calls = {"n": 0}

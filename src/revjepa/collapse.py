@@ -1,5 +1,5 @@
 """The JEPA collapse alarm: the log records' `pred_mean_cos` (mean pairwise cosine of the batch's
-JEPA embeddings, `model.collapse_signal`) staying above a threshold for a window of consecutive
+JEPA embeddings, `families.base.collapse_signal`) staying above a threshold for a window of consecutive
 log records means the embeddings of different items are nearly one vector, so a cosine JEPA
 loss is satisfied trivially. The alarm warns once per episode, marks the records
 (`collapse: true`) and never stops the run. Plain Python on one float per log record.

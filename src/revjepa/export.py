@@ -2,7 +2,7 @@
 
 gpt2_jepa: GPT2LMHeadModel.from_pretrained(OUT_DIR) loads it. concept_jepa: config.json (the
 architecture) + model.safetensors (recognition/semantic/memory weights and the entity table);
-`revjepa.concept.load_pretrained(OUT_DIR)` rebuilds the model.
+`revjepa.families.concept_jepa.load_pretrained(OUT_DIR)` rebuilds the model.
 """
 
 from __future__ import annotations

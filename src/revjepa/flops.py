@@ -53,7 +53,7 @@ def train_step_flops(
 
 
 def batch_shape(kind: torch.Tensor, seq_len: int, entity_len: int, jepa: bool, k: int):
-    """(rows, row_len, n_scored) of the packed pass of one batch (see model.py's packing).
+    """(rows, row_len, n_scored) of the packed pass of one batch (see families/gpt2_jepa.py's packing).
 
     JEPA rows (items of kind train when JEPA is on) hold one item each, every other item is
     packed two per row; both row types are 2 * seq_len + k tokens long. The LM head scores

@@ -13,7 +13,7 @@ With one-token entities the token-2 and joint metrics equal the token-1 ones.
 Entity-level (gpt2_jepa's `entity_mrr`, comparable with concept_jepa's `concept_mrr_full`): the
 rank of the true tail among the entities of the run's entity table, scored by the chain rule
 log p(c1) + log p(c2 | c1) + ..., each candidate teacher-forced on its own tokens. The model
-side is in `model.py`; here are the table's prefix tree (`EntityTrie`) and the chance level
+side is in `families/gpt2_jepa.py`; here are the table's prefix tree (`EntityTrie`) and the chance level
 (`chance_mrr`).
 """
 

@@ -30,8 +30,8 @@ from .distributed import Dist, init_distributed, launcher_world_size
 from .errors import UserError
 from .evaluate import evaluate_split
 from .families import build_model
+from .families.base import collapse_signal
 from .flops import peak_flops
-from .model import collapse_signal
 from .ops import step_ops
 from .runlog import RunLock, append_jsonl, failure_recorded, truncate_jsonl, write_run_state
 from .schedule import lr_multiplier, should_eval

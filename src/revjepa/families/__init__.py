@@ -1,7 +1,8 @@
-"""The registry of model families: a family is a `model.LossFamily` subclass with a `family`
-name; the trainer, evaluator, bench and export build models only through `build_model`, so a
-new family is one module and one line here, and touches no trainer or evaluator file. A
-model is rebuilt from a checkpoint here too (`model_from_checkpoint`)."""
+"""The model families and their registry: a family is a `base.LossFamily` subclass with a
+`family` name, in a module of this package (`gpt2_jepa`, `concept_jepa`); the trainer,
+evaluator, bench and export build models only through `build_model`, so a new family is one
+module and one line here, and touches no trainer or evaluator file. A model is rebuilt from a
+checkpoint here too (`model_from_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from typing import Any
 
 import torch
 
-from .concept import ConceptJepa
-from .config import ModelConfig, ObjectiveConfig, RunConfig
-from .data import Dataset, Vocab, vocab_from_mapping
-from .errors import UserError
-from .model import GPT2Jepa, LossFamily
+from ..config import ModelConfig, ObjectiveConfig, RunConfig
+from ..data import Dataset, Vocab, vocab_from_mapping
+from ..errors import UserError
+from .base import LossFamily
+from .concept_jepa import ConceptJepa
+from .gpt2_jepa import GPT2Jepa
 
 FAMILIES: dict[str, type[LossFamily]] = {cls.family: cls for cls in (GPT2Jepa, ConceptJepa)}
 

@@ -40,12 +40,13 @@ from torch import nn
 from transformers import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from .config import ModelConfig, ObjectiveConfig
-from .data import Split, Vocab, entity_table
-from .errors import UserError
-from .flops import StepCost, blocks_forward_flops
-from .model import LossFamily, LossOutput, gpt2_block
-from .ops import TORCH_OPS, StepOps
+from ..blocks import gpt2_block
+from ..config import ModelConfig, ObjectiveConfig
+from ..data import Split, Vocab, entity_table
+from ..errors import UserError
+from ..flops import StepCost, blocks_forward_flops
+from ..ops import TORCH_OPS, StepOps
+from .base import LossFamily, LossOutput
 
 HEAD, RELATION, MASK, TAIL = range(4)
 NUM_PATCHES = 4
@@ -95,7 +96,7 @@ def run_blocks(
     collect_layers: bool = False,
     ops: StepOps = TORCH_OPS,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """GPT-2 blocks with causal attention over axis 1 (the math of `model.gpt2_hidden_states`)."""
+    """GPT-2 blocks with causal attention over axis 1 (the math of `gpt2_jepa.gpt2_hidden_states`)."""
     layers = [h] if collect_layers else []
     for block in blocks:
         h = gpt2_block(block, h, ops=ops)
@@ -522,7 +523,7 @@ def load_pretrained(out_dir) -> ConceptJepa:
     """Rebuild a ConceptJepa from an export directory (config.json, vocab.json, safetensors)."""
     from safetensors.torch import load_file
 
-    from .data import vocab_from_mapping
+    from ..data import vocab_from_mapping
 
     out_dir = Path(out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())

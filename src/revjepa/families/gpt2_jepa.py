@@ -14,21 +14,21 @@ applied only at the positions that predict e2 tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from .config import ModelConfig, ObjectiveConfig
-from .data import KIND_ID, Split, Vocab, entity_table, to_device
-from .errors import UserError
-from .flops import StepCost, batch_shape, train_step_flops
-from .metrics import EntityTrie, chance_mrr, entity_trie, item_metrics, row_index, summarise
-from .ops import TORCH_OPS, StepOps
+from ..blocks import gpt2_block
+from ..config import ModelConfig, ObjectiveConfig
+from ..data import KIND_ID, Split, Vocab, entity_table, to_device
+from ..errors import UserError
+from ..flops import StepCost, batch_shape, train_step_flops
+from ..metrics import EntityTrie, chance_mrr, entity_trie, item_metrics, row_index, summarise
+from ..ops import TORCH_OPS, StepOps
+from .base import LossFamily, LossOutput
 
 hf_logging.set_verbosity_error()
 
@@ -65,28 +65,6 @@ def build_gpt2(cfg: ModelConfig, vocab: Vocab) -> GPT2LMHeadModel:
     return model
 
 
-def gpt2_block(
-    block: nn.Module,
-    h: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    ops: StepOps = TORCH_OPS,
-) -> torch.Tensor:
-    """One HF `GPT2Block` on h (R, T, d): causal attention when `attn_mask` is None, else the
-    given boolean mask (R or 1, 1, T, T; True = attend). Same math as HF's block, fewer ops;
-    `ops` are the model's (see `revjepa.ops`)."""
-    attn = block.attn
-    y = ops.attention(
-        attn.c_attn(block.ln_1(h)), attn_mask, attn.num_heads, attn.attn_dropout.p, attn.training
-    )
-    c_proj, p = attn.c_proj, attn.resid_dropout.p
-    h = ops.residual_linear_dropout(h, y, c_proj.weight, c_proj.bias, p, attn.training)
-    mlp = block.mlp
-    # c_fc, then GPT-2's "gelu_new" as one op (HF's version is 8 elementwise ops)
-    a = ops.linear_gelu(block.ln_2(h), mlp.c_fc.weight, mlp.c_fc.bias)
-    c_proj, p = mlp.c_proj, mlp.dropout.p
-    return ops.residual_linear_dropout(h, a, c_proj.weight, c_proj.bias, p, mlp.training)
-
-
 def gpt2_hidden_states(
     lm: GPT2LMHeadModel,
     ids: torch.Tensor,
@@ -117,24 +95,6 @@ def gpt2_hidden_states(
     return h, layers
 
 
-@dataclass
-class LossOutput:
-    """Sums and counts (not means) so that callers can normalise by global counts under DDP."""
-
-    sums: dict[str, torch.Tensor]  # per named loss term of the family (`loss_terms`), in order
-    counts: dict[str, torch.Tensor]  # the items each sum is over
-    pred_embeddings: torch.Tensor | None = None  # (n, d), detached, for the collapse signal
-    pred_rows: torch.Tensor | None = None  # (n,) bool: which pred_embeddings are real (None: all)
-    logits: torch.Tensor | None = None  # (B, E, V) float32 in batch order, when asked
-    layer_logits: list[torch.Tensor] | None = None  # per layer (B, E, V), logit lens
-
-    def jepa_embeddings(self) -> torch.Tensor | None:
-        """The pred embeddings of real JEPA items (a host sync: for log steps only)."""
-        if self.pred_embeddings is None or self.pred_rows is None:
-            return self.pred_embeddings
-        return self.pred_embeddings[self.pred_rows]
-
-
 def jepa_distance(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -159,73 +119,6 @@ def jepa_distance(
             sim = sim.masked_fill(~valid[None, :], -1e9)
         return -torch.diagonal(torch.log_softmax(sim, dim=-1))
     raise ValueError(f"unknown distance metric {metric!r}")
-
-
-def collapse_signal(pred: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean pairwise cosine and mean per-dimension std of the batch's pred embeddings."""
-    n = pred.shape[0]
-    if n < 2:
-        nan = pred.new_tensor(float("nan"))
-        return {"pred_mean_cos": nan, "pred_std": nan}
-    unit = F.normalize(pred.float(), dim=-1)
-    total = unit.sum(0)
-    mean_cos = (total @ total - n) / (n * (n - 1))
-    return {"pred_mean_cos": mean_cos, "pred_std": pred.float().std(0).mean()}
-
-
-class LossFamily(nn.Module):
-    """What the trainer, evaluator and bench see of a model family: batch (seq, kind) -> loss
-    sums, in two halves: `prepare` (host side: packing plans, anything data-dependent) and
-    `losses(*prepared)` (device side, fixed shapes for fixed input shapes: the half that
-    torch.compile and CUDA graphs take). `ops`: the implementations of the block and head ops
-    this model calls, plain torch unless set up otherwise (`revjepa.cpu.use_cpu_kernels`).
-
-    The rest of the contract, which every family defines: `family` (its registry name,
-    families.py), `loss_terms` (the names of its loss sums: `ntp`, `jepa`, weighted by
-    `ObjectiveConfig.total`; each is logged as `<name>_loss`), `headline_metric` (the evaluation metric that picks best_model.pt),
-    `step_cost(kind)` (tokens and FLOPs of a training step), `evaluate_split(split,
-    batch_size, per_layer, entity_mrr)` (its metrics), `format_table(results)` (its evaluation
-    table), `hf_state_dict` / `load_hf_state_dict` (checkpoint weights), optionally
-    `checkpoint_extras` / `load_checkpoint_extras` (data tables stored beside the weights),
-    `export_pretrained(dir)`.
-    """
-
-    family: str
-    headline_metric: str
-    loss_terms: tuple[str, ...]  # the named terms of `LossOutput.sums`, weighted by the config
-    comparable_metric: str  # the metric on one scale with every family's (revjepa report)
-    ops: StepOps = TORCH_OPS
-
-    def checkpoint_extras(self) -> dict[str, Any]:
-        """Data tables a checkpoint stores beside `model_state_dict` (top-level keys)."""
-        return {}
-
-    def load_checkpoint_extras(self, state: dict[str, Any], train_seq=None) -> None:
-        """Restore `checkpoint_extras` from a checkpoint (`train_seq`: a fallback source)."""
-
-    @classmethod
-    def build(
-        cls,
-        model_cfg: ModelConfig,
-        objective: ObjectiveConfig,
-        vocab: Vocab,
-        entity_len: int,
-        train_seq: torch.Tensor | None = None,
-    ) -> LossFamily:
-        """A fresh model of this family (`train_seq`: see `families.build_model`)."""
-        return cls(model_cfg, objective, vocab, entity_len)
-
-    def forward(
-        self,
-        seq: torch.Tensor,
-        kind: torch.Tensor,
-        jepa_keep: torch.Tensor | None = None,
-        with_logits: bool = False,
-        per_layer: bool = False,
-    ) -> LossOutput:
-        return self.losses(
-            *self.prepare(seq, kind, jepa_keep), with_logits=with_logits, per_layer=per_layer
-        )
 
 
 class GPT2Jepa(LossFamily):
