@@ -124,10 +124,11 @@ def cmd_train(argv: list[str], prog: str = "revjepa train") -> int:
 
 
 def _needs_train_data(state: dict, entity_mrr: bool) -> bool:
-    """A gpt2_jepa checkpoint older than `entity_mrr` stores no entity table: its metrics then
-    rank among the entities of the data directory's train.json (loaded only then)."""
-    family = state.get("config", {}).get("model", {}).get("family", "gpt2_jepa")
-    return entity_mrr and family == "gpt2_jepa" and "entities" not in state
+    """Whether the checkpoint's family needs train.json to evaluate it (loaded only then)."""
+    from .families import FAMILIES
+
+    family = FAMILIES.get(state.get("config", {}).get("model", {}).get("family", "gpt2_jepa"))
+    return family is not None and family.needs_train_data(state, entity_mrr)
 
 
 def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:

@@ -19,7 +19,8 @@ from .errors import UserError
 DISTANCE_METRICS = ("cosine", "l2", "mse", "infonce")
 SCHEDULERS = ("constant_with_warmup", "linear", "cosine")
 SPLITS = ("train", "atomic", "test")
-MODEL_FAMILIES = ("gpt2_jepa", "concept_jepa")
+# the registered families (families.FAMILIES); a list so that one registered elsewhere can be added
+MODEL_FAMILIES = ["gpt2_jepa", "concept_jepa"]
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONCEPT_NORMS = ("rms", "layernorm")
 CONCEPT_CANDIDATES = ("all", "entities")

@@ -374,6 +374,10 @@ def _announce(run: Run, resume_path: Path | None, use_compile: bool, cuda_graphs
         "parameters": n_params,
         "peak_flops": run.peak_flops,
         "peak_flops_source": run.peak_source,
+        # the family's, so that tools reading run files (status, report) need no model class
+        "headline_metric": run.model.headline_metric,
+        "comparable_metric": run.model.comparable_metric,
+        "loss_terms": list(run.model.loss_terms),
     }
     if not d.main:
         return

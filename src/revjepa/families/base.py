@@ -76,6 +76,12 @@ class LossFamily(nn.Module):
         """Restore `checkpoint_extras` from a checkpoint (`train_seq`: a fallback source)."""
 
     @classmethod
+    def needs_train_data(cls, state: dict[str, Any], entity_mrr: bool) -> bool:
+        """Whether evaluating this checkpoint needs the training data's sequences (a table
+        that older checkpoints of the family lack); the evaluator loads train.json only then."""
+        return False
+
+    @classmethod
     def build(
         cls,
         model_cfg: ModelConfig,

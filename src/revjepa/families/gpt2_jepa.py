@@ -166,6 +166,12 @@ class GPT2Jepa(LossFamily):
                 raise UserError("the checkpoint's entity table is not a tensor")
             self.set_entity_table(table)
 
+    @classmethod
+    def needs_train_data(cls, state: dict[str, Any], entity_mrr: bool) -> bool:
+        """A checkpoint older than `entity_mrr` stores no entity table: its metrics then rank
+        among the entities of the data directory's train.json."""
+        return entity_mrr and "entities" not in state
+
     def step_cost(self, kind: torch.Tensor) -> StepCost:
         """Tokens of the packed pass and analytic FLOPs of one training step (flops.py)."""
         e, cfg = self.entity_len, self.model_cfg
