@@ -232,7 +232,7 @@ def _for_family(flags: dict[str, Any], own: set[str], where: str) -> dict[str, A
     config = resolve_run_flags(flags_to_argv({k: v for k, v in flags.items() if k in own or
                                               flag_field(k) not in _ALL_FAMILY_ONLY}, where), where)  # fmt: skip
     family = config.model.family
-    foreign = set(_ALL_FAMILY_ONLY) - set(FAMILY_ONLY_FIELDS[family])
+    foreign = set(_ALL_FAMILY_ONLY) - set(FAMILY_ONLY_FIELDS.get(family, ()))
     return {k: v for k, v in flags.items() if k in own or flag_field(k) not in foreign}
 
 
