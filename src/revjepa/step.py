@@ -100,12 +100,11 @@ def forward_losses(ctx: StepContext, batch: Batch):
     world size."""
     with autocast(ctx.device, ctx.precision):
         out = ctx.run_model(batch.seq, batch.kind, batch.keep)
-    counts = torch.stack(list(out.counts.values())).float()
+    names = list(out.sums)  # the family's terms; counts are looked up by name, not by order
+    counts = torch.stack([out.counts[name] for name in names]).float()
     if ctx.world > 1:
         dist.all_reduce(counts)
-    means = {
-        name: total / counts[i].clamp(min=1) for i, (name, total) in enumerate(out.sums.items())
-    }
+    means = {name: out.sums[name] / counts[i].clamp(min=1) for i, name in enumerate(names)}
     return out, ctx.objective.total(means), means
 
 
