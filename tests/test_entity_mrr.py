@@ -16,6 +16,8 @@ import itertools
 import json
 import math
 import random
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -443,3 +445,129 @@ def test_training_default_is_off_and_flag_is_validated(small_dir, tmp_path, capf
     rc = main(["train", "--data_dir", str(small_dir), "--eval_entity_mrr", "maybe"])
     err = capfd.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "eval_entity_mrr" in err
+
+
+# ----------------------------------------------------------------------------- auto, progress
+
+
+def test_entity_metric_flops_by_hand():
+    """The estimate `auto` decides from, written out for the hand table of 2-token entities:
+    per item the cached pass over `e1 r <mask>` (4 tokens) and one extension pass for each of
+    the 7 distinct first tokens (n_layer 2, d 32, V 13)."""
+    model = random_model(2, 0)
+    model.set_entity_table(torch.tensor(HAND_TABLES[2]))
+    d, layers, v = 32, 2, 13
+    cache = layers * (2 * 4 * 12 * d * d + 2 * 2 * 1 * 4 * 4 * d)
+    extension = layers * 1 * (24 * d * d + 4 * (4 + 1) * d) + 2 * d * v
+    assert model.entity_metric_flops(10) == 10 * (cache + 7 * extension)
+    # an upper bound on the passes really run: without pruning every off-path prefix gets one
+    seq = hand_items(HAND_TABLES[2], 10, 3, [4, 4])
+    rows = []
+    original = model.extension_logprobs
+    model.extension_logprobs = lambda cache, r, tokens: (
+        rows.append(r.numel()) or original(cache, r, tokens)
+    )
+    model.eval()
+    with torch.no_grad():
+        trie, nodes = model.entity_setup(seq)
+        logits = model(seq, torch.zeros(10, dtype=torch.long), with_logits=True).logits
+        model.entity_rank_counts(seq, logits, trie, nodes, prune=False)
+    on_path = sum(tail[0] in {t[0] for t in HAND_TABLES[2]} for tail in seq[:, 4:].tolist())
+    assert sum(rows) == 10 * 7 - on_path
+    # no table: not computable; one-token entities: nothing extra to pay for
+    assert random_model(2, 0).entity_metric_flops(10) is None
+    one = random_model(1, 0)
+    one.set_entity_table(torch.tensor(HAND_TABLES[1]))
+    assert one.entity_metric_flops(10) == 10 * layers * (2 * 3 * 12 * d * d + 2 * 2 * 9 * d)
+
+
+def test_auto_decides_from_the_estimate(trained, tmp_path, capfd, monkeypatch):
+    """`--entity_mrr auto` against the budget, the clock replaced by a fixed rate: skipped
+    metrics are absent (never 0), the JSON says so, one line on stderr names the way out."""
+    import revjepa.evaluate as ev
+
+    data, run = trained
+    ckpt = run / "checkpoints" / "checkpoint_step_6.pt"
+    monkeypatch.setattr(ev, "peak_flops", lambda device, precision, peak: (1e9, "test rate"))
+    ds = load_dataset(data, with_train=False)
+    model, _ = model_from_checkpoint(load_checkpoint(ckpt), ds)
+    n_items = sum(len(s) for s in ds.valid.values())
+    flops = model.entity_metric_flops(n_items)
+    seconds = flops / (1e9 * ev.ENTITY_PASS_EFFICIENCY)
+    two_token = ds.entity_len == 2
+    assert (seconds > 0) == two_token
+
+    def evaluate(budget: float, name: str) -> tuple[dict, str]:
+        out = tmp_path / name
+        argv = ["evaluate", "--checkpoint", str(ckpt), "--output", str(out)]
+        assert main([*argv, "--entity_mrr_budget_s", str(budget)]) == 0
+        return json.loads(out.read_text()), capfd.readouterr().err
+
+    on_path = tmp_path / "on.json"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--entity_mrr", "on", "--output",
+                 str(on_path)]) == 0  # fmt: skip
+    on = json.loads(on_path.read_text())
+    assert on["entity_mrr_computed"] is True and "entity_mrr_estimate" not in on
+    capfd.readouterr()
+    below, err = evaluate(seconds * 1.01, "below.json")  # the estimate fits: computed
+    assert err == "" and below["entity_mrr_computed"] is True
+    assert below["splits"] == on["splits"]
+    assert below["entity_mrr_estimate"]["seconds"] == pytest.approx(seconds, rel=1e-12)
+    assert below["entity_mrr_estimate"]["flops"] == flops
+    over, err = evaluate(seconds * 0.99, "over.json")
+    if not two_token:  # one-token entities cost nothing extra: auto always computes them
+        assert over["entity_mrr_computed"] is True and err == ""
+        return
+    assert over["entity_mrr_computed"] is False
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("entity_mrr skipped (--entity_mrr auto)")
+    assert "--entity_mrr on" in lines[0] and f"{n_items:,} items" in lines[0]
+    for name in KINDS:
+        assert not ENTITY_KEYS & set(over["splits"][name])
+        rest = {k: v for k, v in on["splits"][name].items() if k not in ENTITY_KEYS}
+        assert over["splits"][name] == rest
+    # a run directory's sweep decides once for all the checkpoints it still has to evaluate
+    n_ckpts = len(list((run / "checkpoints").glob("checkpoint_step_*.pt")))
+    plan = ev.EntityMrrPlan("auto", seconds * n_ckpts * 0.99)
+    assert plan.decide(model, n_items, "cpu", evaluations=n_ckpts) is False
+    plan = ev.EntityMrrPlan("auto", seconds * n_ckpts * 1.01)
+    assert plan.decide(model, n_items, "cpu", evaluations=n_ckpts) is True
+    capfd.readouterr()
+
+
+def test_progress_bars_only_where_asked(trained, tmp_path, capfd, monkeypatch):
+    """The bars go to stderr: none by default when stderr is not a terminal (as here), with
+    --progress on one per split (items/s, ETA) and one over a run's checkpoints."""
+    import revjepa.progress as progress
+
+    data, run = trained
+    ckpt = run / "checkpoints" / "checkpoint_step_6.pt"
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)  # show even the short evaluations here
+    assert main(["evaluate", "--checkpoint", str(ckpt)]) == 0
+    assert capfd.readouterr().err == ""
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--progress", "on"]) == 0
+    err = capfd.readouterr().err
+    for name in KINDS:
+        assert re.search(rf"{name}( \(\+entity_mrr\))?: 100%.*(item/s|s/item)", err), err
+    work = tmp_path / "R"
+    shutil.copytree(run, work)
+    (work / "eval_all.jsonl").unlink(missing_ok=True)
+    argv = ["evaluate", "--checkpoint", str(work / "checkpoints"), "--progress", "on"]
+    assert main(argv) == 0
+    assert re.search(r"checkpoints: 100%.*(ckpt/s|s/ckpt)", capfd.readouterr().err)
+
+
+def test_progress_auto_follows_the_terminal():
+    class Stream:
+        def __init__(self, tty: bool) -> None:
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    from revjepa.progress import progress_enabled
+
+    assert progress_enabled("auto", Stream(True)) is True
+    assert progress_enabled("auto", Stream(False)) is False
+    assert progress_enabled("on", Stream(False)) is True
+    assert progress_enabled("off", Stream(True)) is False

@@ -64,7 +64,9 @@ class BagNtp(LossFamily):
         return StepCost(tokens=b * (2 * e + 2), flops=6.0 * b * e * d * v)
 
     @torch.no_grad()
-    def evaluate_split(self, split: Split, batch_size: int, per_layer=False, entity_mrr=False):
+    def evaluate_split(
+        self, split: Split, batch_size: int, per_layer=False, entity_mrr=False, progress=None
+    ):
         was_training = self.training
         self.eval()
         out = self.losses(split.seq)

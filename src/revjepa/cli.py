@@ -123,18 +123,22 @@ def cmd_train(argv: list[str], prog: str = "revjepa train") -> int:
     return 0
 
 
-def _needs_train_data(state: dict, entity_mrr: bool) -> bool:
-    """Whether the checkpoint's family needs train.json to evaluate it (loaded only then)."""
+def _needs_train_data(state: dict, entity_mrr: str, data_dir: str) -> bool:
+    """Whether the checkpoint's family needs train.json to evaluate it (loaded only then; with
+    `--entity_mrr auto` only if the data directory has one: otherwise auto skips the metric)."""
     from .families import FAMILIES
 
     family = FAMILIES.get(state.get("config", {}).get("model", {}).get("family", "gpt2_jepa"))
-    return family is not None and family.needs_train_data(state, entity_mrr)
+    if family is None or entity_mrr == "off":
+        return False
+    if entity_mrr == "auto" and not (Path(data_dir) / "train.json").is_file():
+        return False
+    return family.needs_train_data(state, True)
 
 
-def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:
-    from .checkpoint import load_checkpoint
-    from .data import KINDS, load_dataset
-    from .evaluate import best_steps, evaluate_checkpoint, format_table, sweep_directory
+def _evaluate_parser(prog: str) -> argparse.ArgumentParser:
+    from .evaluate import ENTITY_MRR_BUDGET_S, ENTITY_MRR_CHOICES
+    from .progress import PROGRESS_CHOICES
 
     p = new_parser(prog, "Evaluate a checkpoint (or every checkpoint of a run) on all splits.")
     p.add_argument(
@@ -154,19 +158,57 @@ def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda")
     p.add_argument(
         "--entity_mrr",
-        default="on",
-        choices=("on", "off"),
-        help="gpt2_jepa: entity_mrr / entity_acc, the rank of the true tail among all entities "
-        "(on, the default; off skips their cost)",
+        default="auto",
+        choices=ENTITY_MRR_CHOICES,
+        help="gpt2_jepa: entity_mrr / entity_acc, the rank of the true tail among all entities. "
+        "auto (default): computed when its cost, estimated before the work, fits "
+        "--entity_mrr_budget_s, else skipped with one line; on: always; off: never",
     )
-    a = p.parse_args(argv)
-    entity = a.entity_mrr == "on"
-    if a.batch_size <= 0:
-        raise UserError(f"--batch_size must be positive, got {a.batch_size}")
-    splits = tuple(s.strip() for s in a.splits.split(",") if s.strip())
+    p.add_argument(
+        "--entity_mrr_budget_s",
+        type=float,
+        default=ENTITY_MRR_BUDGET_S,
+        help=f"auto: the estimated seconds (whole call) under which entity_mrr is computed "
+        f"({ENTITY_MRR_BUDGET_S:g})",
+    )
+    p.add_argument(
+        "--progress",
+        default="auto",
+        choices=PROGRESS_CHOICES,
+        help="progress bars on stderr (per split, items/s, ETA): auto (default) when stderr is "
+        "a terminal, on, off",
+    )
+    return p
+
+
+def _parse_splits(text: str) -> tuple[str, ...]:
+    from .data import KINDS
+
+    splits = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [s for s in splits if s not in KINDS]
     if unknown or not splits:
         raise UserError(f"--splits: unknown split(s) {unknown}; choose from {', '.join(KINDS)}")
+    return splits
+
+
+def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:
+    from .checkpoint import list_checkpoints, load_checkpoint
+    from .data import load_dataset
+    from .evaluate import (
+        EntityMrrPlan,
+        best_steps,
+        evaluate_checkpoint,
+        format_table,
+        sweep_directory,
+    )
+    from .progress import Progress, progress_enabled
+
+    a = _evaluate_parser(prog).parse_args(argv)
+    if a.batch_size <= 0:
+        raise UserError(f"--batch_size must be positive, got {a.batch_size}")
+    if not a.entity_mrr_budget_s >= 0:  # also refuses nan
+        raise UserError(f"--entity_mrr_budget_s must be >= 0, got {a.entity_mrr_budget_s}")
+    splits = _parse_splits(a.splits)
     if a.device == "cuda":
         import torch
 
@@ -175,20 +217,21 @@ def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:
     target = Path(a.checkpoint)
     if a.output and Path(a.output).is_dir():
         raise UserError(f"--output {a.output} is a directory")
+    entity = EntityMrrPlan(a.entity_mrr, a.entity_mrr_budget_s)
+    progress = Progress(progress_enabled(a.progress))
     if target.is_dir():
-        from .checkpoint import list_checkpoints
-
         ckpt_dir = target / "checkpoints" if (target / "checkpoints").is_dir() else target
         found = list_checkpoints(ckpt_dir)
         if not found:
             raise UserError(f"{target}: no checkpoint_step_*.pt files")
         last = load_checkpoint(found[-1][1])
         data_dir = a.data_dir or last["config"]["train"]["data_dir"]
-        dataset = load_dataset(data_dir, with_train=_needs_train_data(last, entity))
+        dataset = load_dataset(data_dir, with_train=_needs_train_data(last, a.entity_mrr, data_dir))
         del last
         records = sweep_directory(
-            ckpt_dir, dataset, a.batch_size, a.per_layer, a.device, entity_mrr=entity
-        )
+            ckpt_dir, dataset, a.batch_size, a.per_layer, a.device, entity_mrr=entity,
+            progress=progress,
+        )  # fmt: skip
         for split, (step, mrr) in best_steps(records).items():
             print(f"best {split} MRR {mrr:.4f} at step {step}")
         if a.output:
@@ -196,11 +239,11 @@ def cmd_evaluate(argv: list[str], prog: str = "revjepa evaluate") -> int:
         return 0
     state = load_checkpoint(target)
     data_dir = a.data_dir or state["config"]["train"]["data_dir"]
-    with_train = _needs_train_data(state, entity)
+    with_train = _needs_train_data(state, a.entity_mrr, data_dir)
     del state
     dataset = load_dataset(data_dir, with_train=with_train)
     results = evaluate_checkpoint(
-        target, dataset, a.batch_size, splits, a.per_layer, a.device, entity_mrr=entity
+        target, dataset, a.batch_size, splits, a.per_layer, a.device, entity, progress
     )
     print(format_table(results))
     if a.output:

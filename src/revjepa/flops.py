@@ -29,6 +29,14 @@ def blocks_forward_flops(n_layer: int, d: int, rows: int, row_len: int) -> float
     return n_layer * (2 * tokens * 12 * d * d + 2 * 2 * rows * row_len * row_len * d)
 
 
+def extension_flops(n_layer: int, d: int, context: int, new: int, vocab: int) -> float:
+    """Forward FLOPs of `new` tokens run after `context` cached ones, then the LM head at the
+    last of them: per layer and new token the weight products 2 * 12 d^2 and the attention
+    2 * 2 * (context + new) * d (an upper bound), then the head 2 * d * V (every vocabulary
+    entry: a log-softmax needs them all)."""
+    return n_layer * new * (24 * d * d + 4 * (context + new) * d) + 2 * d * vocab
+
+
 def train_step_flops(
     n_layer: int, n_embd: int, n_rows: int, row_len: int, n_scored: int, vocab: int
 ) -> float:

@@ -51,11 +51,13 @@ def joint_ranks(
     v = logp2.shape[1]
     for start in range(0, logp1.shape[0], chunk):
         a = logp1[start : start + chunk].double()
-        b = logp2[start : start + chunk].double()
+        b = logp2[start : start + chunk]
         target = a.gather(1, t1[start : start + chunk, None]) + b.gather(
             1, t2[start : start + chunk, None]
-        )
-        sorted_b = b.sort(1).values
+        ).double()
+        # sorted in the input's precision (float32: half the bytes to move), then widened: the
+        # widening is exact, so this is the float64 sort of the same values
+        sorted_b = b.sort(1).values.double()
         # For each i: #{j : b[j] > target - a[i]} = V - #{j : b[j] <= target - a[i]}
         not_greater = torch.searchsorted(sorted_b, target - a, right=True)
         out.append(1 + (v - not_greater).sum(1))

@@ -32,7 +32,7 @@ from .data import GenConfig
 from .errors import UserError
 
 _ALL_FAMILY_ONLY = {name for names in FAMILY_ONLY_FIELDS.values() for name in names}
-TOP_KEYS = ("name", "data", "base", "variants", "grid", "seeds", "slurm")
+TOP_KEYS = ("name", "data", "base", "variants", "grid", "seeds", "slurm", "entity_mrr")
 # Set by the sweep for every run: a spec may not give them.
 SWEEP_OWNED = ("data_dir", "output_dir", "seed")
 SLURM_KEYS = ("partition", "time", "gres", "cpus_per_task", "mem", "max_concurrent", "account")
@@ -77,6 +77,7 @@ class Plan:
     data: dict[str, dict[str, Any]]  # data key -> gen-data flags
     runs: list[PlannedRun]
     slurm: dict[str, Any]
+    entity_mrr: str = "auto"  # the sweep's evaluation of each run: auto, on or off
 
 
 def load_spec(path: Path) -> dict[str, Any]:
@@ -283,7 +284,12 @@ def expand(spec: dict[str, Any]) -> Plan:
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise UserError("spec: two runs get the same name; rename the variants")
-    return Plan(name, spec, data, runs, _slurm(spec))
+    entity_mrr = spec.get("entity_mrr", "auto")
+    if isinstance(entity_mrr, bool):  # YAML 1.1 reads a bare on / off as a boolean
+        entity_mrr = "on" if entity_mrr else "off"
+    if entity_mrr not in ("auto", "on", "off"):
+        raise UserError(f"spec entity_mrr: expected auto, on or off, got {entity_mrr!r}")
+    return Plan(name, spec, data, runs, _slurm(spec), entity_mrr)
 
 
 def _slurm(spec: dict[str, Any]) -> dict[str, Any]:

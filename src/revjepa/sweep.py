@@ -61,6 +61,7 @@ def plan_record(plan: Plan, out: Path, spec_file: Path) -> dict[str, Any]:
         "spec": plan.spec,
         "data": plan.data,
         "slurm": plan.slurm,
+        "entity_mrr": plan.entity_mrr,
         "runs": runs,
     }
 
@@ -138,7 +139,7 @@ def run_task(out: Path, index: int) -> int:
         if not _train(run):
             return EXIT_STOPPED
         signal.signal(signal.SIGTERM, _stop_evaluation)  # eval_all.jsonl resumes it later
-        _evaluate(run)
+        _evaluate(run, plan.get("entity_mrr", "auto"))
     except BaseException as exc:  # noqa: BLE001 - recorded for --status, then re-raised
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -171,17 +172,21 @@ def _train(run: dict[str, Any]) -> bool:
     return state.get("state") == "finished"
 
 
-def _evaluate(run: dict[str, Any]) -> None:
-    """Every checkpoint on every split, into the run's eval_all.jsonl (resumable)."""
+def _evaluate(run: dict[str, Any], entity_mrr: str) -> None:
+    """Every checkpoint on every split, into the run's eval_all.jsonl (resumable); entity_mrr
+    as the spec's `entity_mrr` (auto, on, off) decides."""
     from .data import load_dataset
-    from .evaluate import sweep_directory
+    from .evaluate import EntityMrrPlan, sweep_directory
 
     run_dir = Path(run["run_dir"])
     args = json.loads((run_dir / "training_args.json").read_text())
     device = args.get("resolved", {}).get("device", "cpu")
     dataset = load_dataset(run["data_dir"], with_train=False)
     batch = args["train"]["eval_batch_size"]
-    sweep_directory(run_dir / "checkpoints", dataset, batch, False, device, log=lambda _: None)
+    sweep_directory(
+        run_dir / "checkpoints", dataset, batch, False, device, log=lambda _: None,
+        entity_mrr=EntityMrrPlan(entity_mrr),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- status

@@ -56,7 +56,9 @@ class LossFamily(nn.Module):
     `families`), `loss_terms` (the names of its loss sums: `ntp`, `jepa`, weighted by
     `ObjectiveConfig.total`; each is logged as `<name>_loss`), `headline_metric` (the evaluation metric that picks best_model.pt),
     `step_cost(kind)` (tokens and FLOPs of a training step), `evaluate_split(split,
-    batch_size, per_layer, entity_mrr)` (its metrics), `format_table(results)` (its evaluation
+    batch_size, per_layer, entity_mrr, progress)` (its metrics; `progress` a
+    `revjepa.progress.Bar` it advances by the items done), `entity_metric_flops(n)` (the cost of
+    its optional entity metric, for `--entity_mrr auto`), `format_table(results)` (its evaluation
     table), `hf_state_dict` / `load_hf_state_dict` (checkpoint weights), optionally
     `checkpoint_extras` / `load_checkpoint_extras` (data tables stored beside the weights),
     `export_pretrained(dir)`.
@@ -74,6 +76,12 @@ class LossFamily(nn.Module):
 
     def load_checkpoint_extras(self, state: dict[str, Any], train_seq=None) -> None:
         """Restore `checkpoint_extras` from a checkpoint (`train_seq`: a fallback source)."""
+
+    def entity_metric_flops(self, n_items: int) -> float | None:
+        """FLOPs that `evaluate_split(..., entity_mrr=True)` adds over `n_items` items: an
+        upper bound (no pruning), from which `--entity_mrr auto` decides. 0.0: nothing extra (a
+        family whose entity metric is always computed); None: not computable (no entity table)."""
+        return 0.0
 
     @classmethod
     def needs_train_data(cls, state: dict[str, Any], entity_mrr: bool) -> bool:

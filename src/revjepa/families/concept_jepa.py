@@ -46,6 +46,7 @@ from ..data import Split, Vocab, entity_table
 from ..errors import UserError
 from ..flops import StepCost, blocks_forward_flops
 from ..ops import TORCH_OPS, StepOps
+from ..progress import SILENT, Bar
 from .base import LossFamily, LossOutput
 
 HEAD, RELATION, MASK, TAIL = range(4)
@@ -444,16 +445,18 @@ class ConceptJepa(LossFamily):
         batch_size: int,
         per_layer: bool = False,
         entity_mrr: bool = False,  # noqa: ARG002 (its entity metric, concept_mrr_full, always is)
+        progress: Bar | None = None,
     ) -> dict[str, Any]:
-        """Concept metrics of one split, float32, eval mode; per-item means."""
+        """Concept metrics of one split, float32, eval mode; per-item means. `progress` is
+        advanced by the items done."""
         was_training = self.training
         self.eval()
         try:
-            return self._evaluate(split, batch_size, per_layer)
+            return self._evaluate(split, batch_size, per_layer, progress or SILENT)
         finally:
             self.train(was_training)
 
-    def _evaluate(self, split: Split, batch_size: int, per_layer: bool) -> dict[str, Any]:
+    def _evaluate(self, split: Split, batch_size: int, per_layer: bool, bar: Bar) -> dict[str, Any]:
         device = self.wte.weight.device
         seq = split.seq.to(device)
         e = self.entity_len
@@ -486,6 +489,7 @@ class ConceptJepa(LossFamily):
                     ]
                 )
                 layer_rr = rr if layer_rr is None else layer_rr + rr
+            bar.update(s.shape[0])
         loss_sum, rr_in_batch, rr_full_sum, acc_full_sum = sums.tolist()
         n = int(seq.shape[0])
         concept_loss = loss_sum / n

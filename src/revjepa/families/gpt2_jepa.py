@@ -25,14 +25,23 @@ from ..blocks import gpt2_block
 from ..config import ModelConfig, ObjectiveConfig
 from ..data import KIND_ID, Split, Vocab, entity_table, to_device
 from ..errors import UserError
-from ..flops import StepCost, batch_shape, train_step_flops
+from ..flops import (
+    StepCost,
+    batch_shape,
+    blocks_forward_flops,
+    extension_flops,
+    train_step_flops,
+)
 from ..metrics import EntityTrie, chance_mrr, entity_trie, item_metrics, row_index, summarise
 from ..ops import TORCH_OPS, StepOps
+from ..progress import SILENT, Bar
 from .base import LossFamily, LossOutput
 
 hf_logging.set_verbosity_error()
 
 ENTITY_KEYS = ("entity_mrr", "entity_acc")  # evaluate_split(..., entity_mrr=True)
+# (item, candidate prefix) pairs per chunk of `entity_mrr` (one progress update per chunk)
+ENTITY_PAIRS_PER_CHUNK = 1 << 17
 ROW_BUCKET = 8  # packed rows per batch are padded to a multiple of this (see row_count)
 
 
@@ -403,11 +412,18 @@ class GPT2Jepa(LossFamily):
 
     @torch.no_grad()
     def evaluate_split(
-        self, split: Split, batch_size: int, per_layer: bool = False, entity_mrr: bool = False
+        self,
+        split: Split,
+        batch_size: int,
+        per_layer: bool = False,
+        entity_mrr: bool = False,
+        progress: Bar | None = None,
     ) -> dict:
         """All metrics of one split (metrics.py), float32, eval mode, batches as tensor slices.
         `entity_mrr`: also `entity_mrr` / `entity_acc` (see `entity_rank_counts`; it needs the
-        entity table and costs one extra pass per surviving candidate prefix)."""
+        entity table and costs one extra pass per surviving candidate prefix). `progress` is
+        advanced by the items done."""
+        bar = progress or SILENT
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -427,12 +443,9 @@ class GPT2Jepa(LossFamily):
             for name, value in item_metrics(out.logits, s[:, e + 2 :]).items():
                 items.setdefault(name, []).append(value.cpu())
             if entity is not None:
-                trie, nodes = entity
-                batch_nodes = [n[start : start + batch_size] for n in nodes]
-                rank = 1 + self.entity_rank_counts(s, out.logits, trie, batch_nodes)
-                entity_sums += torch.stack(
-                    [(1.0 / rank.double()).sum(), (rank == 1).sum().double()]
-                )
+                entity_sums += self.entity_batch_sums(s, out.logits, entity, start, bar)
+            else:
+                bar.update(s.shape[0])
             if per_layer:
                 if not layer_items:
                     layer_items = [{} for _ in out.layer_logits]
@@ -460,6 +473,46 @@ class GPT2Jepa(LossFamily):
                 dict(layer=i, **summarise(store)) for i, store in enumerate(layer_items)
             ]
         return result
+
+    def entity_batch_sums(
+        self,
+        seq: torch.Tensor,
+        logits: torch.Tensor,
+        entity: tuple[EntityTrie, list[torch.Tensor]],
+        start: int,
+        bar: Bar,
+    ) -> torch.Tensor:
+        """(sum of 1/rank, rank-1 count) of a batch starting at item `start` of the split, in
+        chunks of items small enough that `bar` moves every few seconds even when each item
+        costs thousands of candidate passes (the passes stay batched over a chunk's pairs)."""
+        trie, nodes = entity
+        prefixes = sum(int(trie.nodes[d].shape[0]) for d in range(1, trie.depth))
+        step = max(1, ENTITY_PAIRS_PER_CHUNK // max(1, prefixes))
+        sums = torch.zeros(2, dtype=torch.float64, device=seq.device)
+        for i in range(0, seq.shape[0], step):
+            j = min(i + step, seq.shape[0])
+            chunk_nodes = [n[start + i : start + j] for n in nodes]
+            rank = 1 + self.entity_rank_counts(seq[i:j], logits[i:j], trie, chunk_nodes)
+            sums += torch.stack([(1.0 / rank.double()).sum(), (rank == 1).sum().double()])
+            bar.update(j - i)
+        return sums
+
+    def entity_metric_flops(self, n_items: int) -> float | None:
+        """An upper bound on `entity_mrr`'s FLOPs over `n_items`: per item the cached pass over
+        `e1 r <mask>`, then one extension pass (flops.extension_flops) for every prefix of every
+        depth below E (the prefix's d tokens after the cache); the first token's distribution comes free with the teacher-forced logits.
+        No pruning is assumed: it never makes the work larger, and how much it saves depends on
+        the weights (little on a random model, whose true tail scores about -E ln V)."""
+        if self.entities.shape[0] == 0:
+            return None
+        trie = entity_trie(self.entities)
+        cfg, e = self.model_cfg, self.entity_len
+        vocab = self.lm.config.vocab_size
+        per_item = blocks_forward_flops(cfg.n_layer, cfg.n_embd, 1, e + 2) + sum(
+            int(trie.nodes[d].shape[0]) * extension_flops(cfg.n_layer, cfg.n_embd, e + 2, d, vocab)
+            for d in range(1, trie.depth)
+        )
+        return float(n_items) * per_item
 
     def entity_setup(self, seq: torch.Tensor) -> tuple[EntityTrie, list[torch.Tensor]]:
         """The entity table's prefix tree, and for every item of the split and every depth
