@@ -23,6 +23,13 @@ from .metrics import chance_mrr
 from .runlog import RUN_STATE, read_jsonl
 
 REPORT_FORMATS = ("markdown", "csv", "json")
+# The families' (comparable_metric, headline_metric), for runs whose training_args.json predates
+# its `resolved` record of them (a test keeps them equal to the classes'): report and status
+# read run files and import no model code.
+FAMILY_METRICS = {
+    "gpt2_jepa": ("entity_mrr", "mrr"),
+    "concept_jepa": ("concept_mrr_full", "concept_mrr_full"),
+}
 # Configuration fields that do not change what a run computes (bookkeeping, speed, the seed).
 _NOT_CONFIG = (RESUMABLE_OVERRIDES - {"max_steps", "num_epochs"}) | {"seed", "preset"}
 
@@ -36,6 +43,8 @@ class RunRecords:
     label: str | None  # the sweep's name for it, minus the seed
     records: list[dict[str, Any]]  # {"step", "splits": {split: {metric: value}}}
     in_progress: bool
+    comparable: str  # the family's metric on one scale with every family's
+    headline: str  # the family's own headline metric
 
 
 @dataclass
@@ -111,6 +120,17 @@ def _sweep_labels(run_dir: Path) -> dict[str, str]:
     return labels
 
 
+def family_metrics(args: dict[str, Any]) -> tuple[str, str]:
+    """(comparable, headline) metric of a run's family, from its training_args.json."""
+    family = args.get("model", {}).get("family", "gpt2_jepa")
+    comparable, headline = FAMILY_METRICS.get(family, FAMILY_METRICS["gpt2_jepa"])
+    resolved = args.get("resolved", {})
+    return (
+        resolved.get("comparable_metric") or comparable,
+        resolved.get("headline_metric") or headline,
+    )
+
+
 def load_run(path: Path) -> RunRecords:
     try:
         args = json.loads((path / "training_args.json").read_text())
@@ -127,6 +147,7 @@ def load_run(path: Path) -> RunRecords:
     return RunRecords(
         path, config, config["model"]["family"], int(config["train"]["seed"]),
         _sweep_labels(path).get(path.name), sorted(records, key=lambda r: r["step"]), in_progress,
+        *family_metrics(args),
     )  # fmt: skip
 
 
@@ -177,26 +198,20 @@ def choose_metrics(runs: list[RunRecords], metric: str | None) -> tuple[dict[str
     """Per family, the metric of the table, and how it was chosen: `metric` if given; else the
     entity-level metric that compares families (`entity_mrr` / `concept_mrr_full`) when every
     run has it; else each family's headline metric."""
-    from .families import FAMILIES
-
-    families = {r.family for r in runs}
     if metric is not None:
-        return {f: metric for f in families}, "given"
-    comparable = {f: FAMILIES[f].comparable_metric for f in families}
+        return {r.family: metric for r in runs}, "given"
+    comparable = {r.family: r.comparable for r in runs}
     if all(_has(r, comparable[r.family]) for r in runs):
         return comparable, "entity"
-    return {f: FAMILIES[f].headline_metric for f in families}, "headline"
+    return {r.family: r.headline for r in runs}, "headline"
 
 
 def group_runs(runs: list[RunRecords], metrics: dict[str, str]) -> list[Group]:
-    from .families import FAMILIES
-
     groups: dict[str, Group] = {}
     for run in runs:
         key = json.dumps(config_key(run.config), sort_keys=True)
         if key not in groups:
-            family = FAMILIES[run.family]
-            groups[key] = Group(key, run.family, metrics[run.family], family.headline_metric)
+            groups[key] = Group(key, run.family, metrics[run.family], run.headline)
         groups[key].runs.append(run)
     ordered = list(groups.values())
     varying = _varying_keys([json.loads(g.key) for g in ordered])

@@ -18,11 +18,9 @@ from typing import Any
 from .checkpoint import find_latest_valid, list_checkpoints
 from .collapse import collapse_summary
 from .errors import UserError
+from .report import family_metrics
 from .runlog import RUN_STATE, lock_held, read_jsonl
 
-# The families' `headline_metric`, for runs whose training_args.json predates its `resolved`
-# record of it (a test keeps them equal): status reads files and imports no model code.
-HEADLINE = {"gpt2_jepa": "mrr", "concept_jepa": "concept_mrr_full"}
 RATE_RECORDS = 5  # the recent training records that steps/s is measured over
 RUN_FILES = ("training_args.json", RUN_STATE, "metrics.jsonl", "checkpoints")
 
@@ -121,7 +119,7 @@ def run_status(run_dir: Path, verify: bool = True) -> dict[str, Any]:
     held = lock_held(run_dir)
     records = read_jsonl(run_dir / "metrics.jsonl")
     family = args.get("model", {}).get("family", "gpt2_jepa")
-    headline = args.get("resolved", {}).get("headline_metric") or HEADLINE.get(family, "mrr")
+    headline = family_metrics(args)[1]
     valid = args.get("train", {}).get("valid_split", "test")
     train = [r for r in records if "loss" in r]
     step = max([r["step"] for r in records] + [int((run_state or {}).get("step", 0))])
