@@ -1,0 +1,94 @@
+"""Unconverged runs: `convergence.trend` on hand-made curves (rising, plateaued, peaked and
+fell, grokking past and not yet past its early peak, noisy flat, too few points)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from revjepa.convergence import MIN_RISE, late_start, noise_scale, trend
+
+K1 = [1000 * i for i in range(1, 13)]  # 12 evaluations, every 1k steps
+# the issue's curve: test entity MRR every 2k steps, 1 layer, wd 1.0 (peak, dip, grokking)
+GROK_STEPS = [2000 * i for i in range(1, 13)]
+GROK = [0.150, 0.089, 0.089, 0.142, 0.260, 0.370, 0.502, 0.552, 0.574, 0.641, 0.692, 0.670]
+PLATEAU = [0.10, 0.30, 0.45, 0.55, 0.60, 0.61, 0.60, 0.61, 0.60, 0.61, 0.60, 0.61]
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+def test_steadily_rising_is_flagged():
+    t = trend(K1, [0.05 * i for i in range(1, 13)])
+    assert t.rising and t.verdict == "still rising" and t.noise == pytest.approx(0, abs=1e-12)
+    assert t.shape == "still rising: best 0.6 at 12k = last"
+
+
+def test_plateau_is_not_flagged():
+    t = trend(K1, PLATEAU)
+    assert not t.rising and t.verdict == "flat" and t.late_gain == pytest.approx(0)
+    assert t.shape == "best 0.61 at 6k, last 0.61"  # the earliest of equal values
+
+
+def test_peaked_then_fell_is_not_flagged():
+    t = trend(K1, [0.15, 0.30, 0.25, 0.20, 0.18, 0.15, 0.12, 0.10, 0.10, 0.09, 0.09, 0.09])
+    assert not t.rising and t.verdict == "fell" and t.late_gain < 0
+    assert t.shape == "best 0.3 at 2k, last 0.09 (fell)"
+
+
+def test_grokking_past_its_early_peak_is_flagged():
+    t = trend(GROK_STEPS, GROK)
+    # late part: 20k, 22k, 24k (> 75% of 24k); best late 0.692, best early 0.574 (18k)
+    assert late_start(GROK_STEPS) == 9 and t.late_gain == pytest.approx(0.692 - 0.574)
+    assert t.rising and t.late_gain > t.threshold
+    assert t.shape == "still rising: best 0.692 at 22k, last 0.67"
+    # the run stopped at 8k had not risen back above its 2k peak yet
+    early = trend(GROK_STEPS[:4], GROK[:4])
+    assert not early.rising and early.shape == "best 0.15 at 2k, last 0.142"
+
+
+def test_grokking_not_yet_past_its_early_peak_is_not_flagged():
+    """Rising at the end, but the best checkpoint is the early peak: the report's best is not
+    the one that would move, so no flag; the shape says it is climbing back."""
+    t = trend(K1, [0.50, 0.30, 0.20, 0.20, 0.22, 0.26, 0.30, 0.34, 0.38, 0.42, 0.45, 0.48])
+    assert not t.rising and t.verdict == "rising again" and t.best_step == 1000
+    assert t.shape == "best 0.5 at 1k, last 0.48 (fell, rising again)"
+
+
+def test_noisy_flat_is_not_flagged():
+    rng = random.Random(26)
+    values = [0.5 + rng.gauss(0, 0.02) for _ in range(20)]
+    t = trend([500 * i for i in range(1, 21)], values)
+    assert not t.rising and t.verdict in ("flat", "fell")
+    assert 0.01 < t.noise < 0.04  # the noise it was made with, 0.02, to a factor of 2
+
+
+def test_noise_scale_recovers_the_noise_and_ignores_a_bending_trend():
+    rng = random.Random(0)
+    noise = [rng.gauss(0, 0.03) for _ in range(2000)]
+    assert noise_scale(noise) == pytest.approx(0.03, rel=0.1)
+    # a sigmoid that rises by 0.6 over the run inflates first differences, not this estimate
+    bent = [0.6 / (1 + math.exp(-(i - 1000) / 150)) + e for i, e in enumerate(noise)]
+    assert noise_scale(bent) == pytest.approx(0.03, rel=0.1)
+    assert math.isnan(noise_scale([0.1, 0.2]))
+
+
+def test_too_few_points_and_a_noiseless_creep_are_not_flagged():
+    t = trend([1000, 2000, 3000], [0.1, 0.2, 0.3])
+    assert not t.rising and t.verdict == "too few" and math.isnan(t.threshold)
+    assert t.shape == "best 0.3 at 3k = last (3 evaluations: too few to judge)"
+    assert t.as_dict()["noise"] is None and t.as_dict()["shape"] == t.shape
+    creep = trend(K1, [0.5 + 0.0005 * i for i in range(12)])  # no noise: MIN_RISE decides
+    assert creep.threshold == MIN_RISE and not creep.rising
+
+
+def test_late_part_and_order():
+    assert late_start([100, 200, 300, 400]) == 2  # at least 2 in the early part
+    assert late_start([10, 20, 30, 40, 100]) == 3  # at least the last 2 in the late part
+    shuffled = list(zip(GROK_STEPS, GROK))
+    random.Random(1).shuffle(shuffled)
+    assert trend(*zip(*shuffled)) == trend(GROK_STEPS, GROK)
+    with pytest.raises(ValueError):
+        trend([1, 2], [0.1])
