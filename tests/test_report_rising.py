@@ -1,14 +1,24 @@
 """Unconverged runs: `convergence.trend` on hand-made curves (rising, plateaued, peaked and
-fell, grokking past and not yet past its early peak, noisy flat, too few points)."""
+fell, grokking past and not yet past its early peak, noisy flat, too few points), and end to
+end a hand-built sweep where one group still rises and one has plateaued: the report's marker,
+its line under the table, csv/json `still_rising`, and --log_steps."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
+from revjepa.cli import main
+from revjepa.config import SPLITS, RunConfig
 from revjepa.convergence import MIN_RISE, late_start, noise_scale, trend
+from revjepa.report import band_figure, choose_metrics, find_runs, group_runs, load_run
+from revjepa.runlog import write_run_state
 
 K1 = [1000 * i for i in range(1, 13)]  # 12 evaluations, every 1k steps
 # the issue's curve: test entity MRR every 2k steps, 1 layer, wd 1.0 (peak, dip, grokking)
@@ -92,3 +102,92 @@ def test_late_part_and_order():
     assert trend(*zip(*shuffled)) == trend(GROK_STEPS, GROK)
     with pytest.raises(ValueError):
         trend([1, 2], [0.1])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def write_run(run_dir: Path, seed: int, lr: float, steps: list[int], test: list[float]) -> None:
+    """A finished, evaluated run as train + sweep leave it (RunConfig's own training_args.json,
+    eval_all.jsonl, run_state.json); `test` is its entity MRR on test, other splits flat."""
+    args = RunConfig().to_dict()
+    args["train"].update(seed=seed, learning_rate=lr, output_dir=str(run_dir))
+    args["resolved"] = {"headline_metric": "mrr", "comparable_metric": "entity_mrr"}
+    run_dir.mkdir(parents=True)
+    (run_dir / "training_args.json").write_text(json.dumps(args))
+    lines = []
+    for step, value in zip(steps, test):
+        per = {"test": value, "atomic": 0.9, "train": 1.0}
+        splits = {s: {"entity_mrr": per[s], "mrr": per[s], "num_entities": 500} for s in SPLITS}
+        lines.append(json.dumps({"step": step, "splits": splits}) + "\n")
+    (run_dir / "eval_all.jsonl").write_text("".join(lines))
+    write_run_state(run_dir, "finished", steps[-1], steps[-1], None)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """Two groups x 2 seeds (seeds 0.01 above and below the group's curve): `grokking` (the
+    issue's curve), `plateau`."""
+    root = tmp_path_factory.mktemp("rising") / "sweep"
+    plan = []
+    for variant, lr, steps, curve in (
+        ("grokking", 1e-3, GROK_STEPS, GROK),
+        ("plateau", 3e-4, K1, PLATEAU),
+    ):
+        for seed, offset in ((0, 0.01), (1, -0.01)):
+            name = f"{variant}-seed{seed}"
+            write_run(root / "runs" / name, seed, lr, steps, [v + offset for v in curve])
+            plan.append({"name": name, "variant": variant, "seed": seed, "grid": {}})
+    (root / "sweep.json").write_text(json.dumps({"name": "rising", "runs": plan}))
+    return root
+
+
+def test_report_marks_the_group_still_rising(sweep, capsys):
+    assert main(["report", str(sweep)]) == 0
+    table = capsys.readouterr().out
+    rows = {x.split(" | ")[0][2:]: x for x in table.splitlines() if x.startswith("| ")}
+    # the test best (the select split's) of grokking: 0.692 +- 0.0141 over its 2 seeds
+    assert "| 0.6920 ± 0.0141 ↑ |" in rows["grokking"]
+    assert "↑" not in rows["plateau"] and "↑" not in rows["group"]
+    note = next(x for x in table.splitlines() if "still rising at the last checkpoint" in x)
+    assert note.startswith(
+        "↑ still rising at the last checkpoint: conclusions provisional; train longer: "
+        "grokking (2 of 2 seeds rise on their own)."
+    )
+    assert "plateau" not in note
+
+    assert main(["report", str(sweep), "--format", "json"]) == 0
+    out = {r["group"]: r for r in json.loads(capsys.readouterr().out)}
+    assert out["grokking"]["still_rising"] is True and out["grokking"]["rising_seeds"] == 2
+    assert out["grokking"]["curve"]["shape"] == "still rising: best 0.692 at 22k, last 0.67"
+    assert out["plateau"]["still_rising"] is False and out["plateau"]["rising_seeds"] == 0
+
+    assert main(["report", str(sweep), "--format", "csv"]) == 0
+    out = {r["group"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert (out["grokking"]["still_rising"], out["grokking"]["rising_seeds"]) == ("True", "2")
+    assert (out["plateau"]["still_rising"], out["plateau"]["rising_seeds"]) == ("False", "0")
+
+
+def test_report_marks_the_split_it_selects_on(sweep, capsys):
+    """Selected on atomic (flat at 0.9 in every run): nothing is still rising there."""
+    assert main(["report", str(sweep), "--select_split", "atomic", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["still_rising"] for r in rows] == [False, False]
+    assert main(["report", str(sweep), "--select_split", "atomic"]) == 0
+    assert "↑" not in capsys.readouterr().out
+
+
+def test_log_steps_reaches_the_plot(sweep, tmp_path, capsys, monkeypatch):
+    runs = [load_run(p) for p in find_runs([sweep])]
+    groups = group_runs(runs, choose_metrics(runs, None)[0])
+    assert {ax.get_xscale() for ax in band_figure(groups, log_steps=True).axes} == {"log"}
+    assert {ax.get_xscale() for ax in band_figure(groups).axes} == {"linear"}
+    import revjepa.report as report_mod
+
+    seen = []
+    monkeypatch.setattr(report_mod, "plot_groups", lambda g, out, log: seen.append((out, log)))
+    png = tmp_path / "bands.png"
+    assert main(["report", str(sweep), "--plot", str(png), "--log_steps"]) == 0
+    assert seen == [(png, True)]
+    assert main(["report", str(sweep), "--log_steps"]) == 2
+    assert "--log_steps applies to --plot" in capsys.readouterr().err
