@@ -1,7 +1,7 @@
 """Unconverged runs: `convergence.trend` on hand-made curves (rising, plateaued, peaked and
 fell, grokking past and not yet past its early peak, noisy flat, too few points), and end to
 end a hand-built sweep where one group still rises and one has plateaued: the report's marker,
-its line under the table, csv/json `still_rising`, and --log_steps."""
+its line under the table, csv/json `still_rising`, status's curve column, and --log_steps."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from revjepa.config import SPLITS, RunConfig
 from revjepa.convergence import MIN_RISE, late_start, noise_scale, trend
 from revjepa.report import band_figure, choose_metrics, find_runs, group_runs, load_run
 from revjepa.runlog import write_run_state
+from revjepa.status import collect_status, format_status
 
 K1 = [1000 * i for i in range(1, 13)]  # 12 evaluations, every 1k steps
 # the issue's curve: test entity MRR every 2k steps, 1 layer, wd 1.0 (peak, dip, grokking)
@@ -175,6 +176,22 @@ def test_report_marks_the_split_it_selects_on(sweep, capsys):
     assert [r["still_rising"] for r in rows] == [False, False]
     assert main(["report", str(sweep), "--select_split", "atomic"]) == 0
     assert "↑" not in capsys.readouterr().out
+
+
+def test_status_shows_the_curve_and_the_flag(sweep, capsys):
+    rows = {Path(r["run_dir"]).name: r for r in collect_status([sweep], verify=False)}
+    grok = rows["grokking-seed0"]
+    assert grok["still_rising"] is True
+    assert grok["curve"]["metric"] == "entity_mrr" and grok["curve"]["split"] == "test"
+    assert grok["curve"]["shape"] == "still rising: best 0.702 at 22k, last 0.68"
+    flat = rows["plateau-seed1"]
+    assert flat["still_rising"] is False and flat["curve"]["shape"] == "best 0.6 at 6k, last 0.6"
+    table = format_status(list(rows.values()))
+    assert "curve (entity_mrr on test)" in table.splitlines()[0]
+    assert "still rising: best 0.702 at 22k, last 0.68" in table
+    assert main(["status", "--json", "--no_verify", str(sweep / "runs" / "grokking-seed1")]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["still_rising"] is True and row["curve"]["rising"] is True
 
 
 def test_log_steps_reaches_the_plot(sweep, tmp_path, capsys, monkeypatch):

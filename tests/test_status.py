@@ -17,6 +17,7 @@ import pytest
 
 import revjepa.train as train_mod
 from revjepa.cli import main
+from revjepa.convergence import trend
 from revjepa.data import GenConfig, generate, write_generated
 from revjepa.errors import UserError
 from revjepa.families import FAMILIES
@@ -91,6 +92,10 @@ def test_finished_run_figures_match_its_files(finished):
     assert row["last_eval"] == {"step": 20, "mrr": {"test": evals[-1][1]}}
     best = max(evals, key=lambda e: e[1])
     assert row["best_eval"] == {"step": best[0], "mrr": {"test": best[1]}}
+    # the curve, as report would read it: no eval_all.jsonl, so metrics.jsonl's evaluations;
+    # no entity_mrr there (--eval_entity_mrr off), so the headline metric
+    assert row["curve"] == {"metric": "mrr", "split": "test", **trend(*zip(*evals)).as_dict()}
+    assert row["still_rising"] is row["curve"]["rising"]
     # steps/s over the last 5 records (steps 12..20, 2 steps each): steps over their time
     train = [r for r in recs if "loss" in r][-5:]
     assert row["steps_per_s"] == pytest.approx(10 / sum(2 / r["steps_per_s"] for r in train))
