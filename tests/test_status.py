@@ -17,11 +17,13 @@ import pytest
 
 import revjepa.train as train_mod
 from revjepa.cli import main
+from revjepa.convergence import trend
 from revjepa.data import GenConfig, generate, write_generated
 from revjepa.errors import UserError
 from revjepa.families import FAMILIES
+from revjepa.report import FAMILY_METRICS
 from revjepa.runlog import RunLock, lock_held
-from revjepa.status import HEADLINE, collect_status, format_status, run_status
+from revjepa.status import collect_status, format_status, run_status
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -73,8 +75,11 @@ def wait_for_records(out: Path, n: int, proc: subprocess.Popen) -> None:
     )
 
 
-def test_headline_metrics_are_the_families_own():
-    assert HEADLINE == {name: cls.headline_metric for name, cls in FAMILIES.items()}
+def test_fallback_metrics_are_the_families_own():
+    """For runs older than training_args.json's record of them (report and status)."""
+    assert FAMILY_METRICS == {
+        name: (cls.comparable_metric, cls.headline_metric) for name, cls in FAMILIES.items()
+    }
 
 
 def test_finished_run_figures_match_its_files(finished):
@@ -87,6 +92,10 @@ def test_finished_run_figures_match_its_files(finished):
     assert row["last_eval"] == {"step": 20, "mrr": {"test": evals[-1][1]}}
     best = max(evals, key=lambda e: e[1])
     assert row["best_eval"] == {"step": best[0], "mrr": {"test": best[1]}}
+    # the curve, as report would read it: no eval_all.jsonl, so metrics.jsonl's evaluations;
+    # no entity_mrr there (--eval_entity_mrr off), so the headline metric
+    assert row["curve"] == {"metric": "mrr", "split": "test", **trend(*zip(*evals)).as_dict()}
+    assert row["still_rising"] is row["curve"]["rising"]
     # steps/s over the last 5 records (steps 12..20, 2 steps each): steps over their time
     train = [r for r in recs if "loss" in r][-5:]
     assert row["steps_per_s"] == pytest.approx(10 / sum(2 / r["steps_per_s"] for r in train))

@@ -395,8 +395,16 @@ def cmd_report(argv: list[str]) -> int:
     p.add_argument(
         "--plot", default=None, help="PNG: mean curve and +-std band per group, a panel per split"
     )
+    p.add_argument(
+        "--log_steps",
+        action="store_true",
+        help="--plot with steps on a log axis (how grokking curves are read)",
+    )
     a = p.parse_args(argv)
-    text = report([Path(d) for d in a.dirs], a.metric, a.select_split, a.format, a.plot)
+    if a.log_steps and not a.plot:
+        raise UserError("--log_steps applies to --plot, which is not given")
+    dirs = [Path(d) for d in a.dirs]
+    text = report(dirs, a.metric, a.select_split, a.format, a.plot, a.log_steps)
     if a.out:
         Path(a.out).write_text(text)
         print(f"wrote {a.out}")

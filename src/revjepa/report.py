@@ -5,6 +5,9 @@ Markdown, CSV or JSON, and a seed-band plot.
 Records come from a run's `eval_all.jsonl` (every checkpoint on every split, what a sweep
 writes); a run without one (still training) falls back to the evaluations in `metrics.jsonl`
 (the --valid_split only) and is marked in progress.
+
+A group whose mean curve over seeds, on the select split, was still rising at its last
+checkpoint (`convergence.trend`) is marked: its figures measure where training stopped.
 """
 
 from __future__ import annotations
@@ -15,14 +18,26 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import RESUMABLE_OVERRIDES, SPLITS
+from .convergence import Trend, trend
 from .errors import UserError
 from .metrics import chance_mrr
 from .runlog import RUN_STATE, read_jsonl
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 REPORT_FORMATS = ("markdown", "csv", "json")
+RISING = "↑"  # after the best value of a group still rising (convergence.trend)
+# The families' (comparable_metric, headline_metric), for runs whose training_args.json predates
+# its `resolved` record of them (a test keeps them equal to the classes'): report and status
+# read run files and import no model code.
+FAMILY_METRICS = {
+    "gpt2_jepa": ("entity_mrr", "mrr"),
+    "concept_jepa": ("concept_mrr_full", "concept_mrr_full"),
+}
 # Configuration fields that do not change what a run computes (bookkeeping, speed, the seed).
 _NOT_CONFIG = (RESUMABLE_OVERRIDES - {"max_steps", "num_epochs"}) | {"seed", "preset"}
 
@@ -36,6 +51,8 @@ class RunRecords:
     label: str | None  # the sweep's name for it, minus the seed
     records: list[dict[str, Any]]  # {"step", "splits": {split: {metric: value}}}
     in_progress: bool
+    comparable: str  # the family's metric on one scale with every family's
+    headline: str  # the family's own headline metric
 
 
 @dataclass
@@ -111,6 +128,17 @@ def _sweep_labels(run_dir: Path) -> dict[str, str]:
     return labels
 
 
+def family_metrics(args: dict[str, Any]) -> tuple[str, str]:
+    """(comparable, headline) metric of a run's family, from its training_args.json."""
+    family = args.get("model", {}).get("family", "gpt2_jepa")
+    comparable, headline = FAMILY_METRICS.get(family, FAMILY_METRICS["gpt2_jepa"])
+    resolved = args.get("resolved", {})
+    return (
+        resolved.get("comparable_metric") or comparable,
+        resolved.get("headline_metric") or headline,
+    )
+
+
 def load_run(path: Path) -> RunRecords:
     try:
         args = json.loads((path / "training_args.json").read_text())
@@ -127,6 +155,7 @@ def load_run(path: Path) -> RunRecords:
     return RunRecords(
         path, config, config["model"]["family"], int(config["train"]["seed"]),
         _sweep_labels(path).get(path.name), sorted(records, key=lambda r: r["step"]), in_progress,
+        *family_metrics(args),
     )  # fmt: skip
 
 
@@ -160,6 +189,27 @@ def _value(record: dict[str, Any], split: str, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
+def select_of(run: RunRecords, select_split: str | None) -> str:
+    """The split that picks a run's best checkpoint: --select_split, else its --valid_split."""
+    return select_split or run.config["train"]["valid_split"]
+
+
+def run_curve(run: RunRecords, split: str, metric: str) -> dict[int, float]:
+    """Step -> the run's `metric` on `split`, at every evaluation that has it."""
+    return {r["step"]: v for r in run.records if (v := _value(r, split, metric)) is not None}
+
+
+def mean_curve(curves: list[dict[int, float]]) -> tuple[list[int], list[tuple[float, float]]]:
+    """The steps that every curve has, and the mean and std over the curves at each."""
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return steps, [mean_std([c[s] for c in curves]) for s in steps]
+
+
+def curve_trend(curve: dict[int, float]) -> Trend | None:
+    """`convergence.trend` of a step -> value curve (None if it is empty)."""
+    return trend(*zip(*sorted(curve.items()))) if curve else None
+
+
 def best_and_last(run: RunRecords, metric: str, select: str) -> tuple[dict, dict] | None:
     """The run's best record (highest `metric` on `select`, the earliest on ties) and last."""
     scored = [r for r in run.records if _value(r, select, metric) is not None]
@@ -177,26 +227,20 @@ def choose_metrics(runs: list[RunRecords], metric: str | None) -> tuple[dict[str
     """Per family, the metric of the table, and how it was chosen: `metric` if given; else the
     entity-level metric that compares families (`entity_mrr` / `concept_mrr_full`) when every
     run has it; else each family's headline metric."""
-    from .families import FAMILIES
-
-    families = {r.family for r in runs}
     if metric is not None:
-        return {f: metric for f in families}, "given"
-    comparable = {f: FAMILIES[f].comparable_metric for f in families}
+        return {r.family: metric for r in runs}, "given"
+    comparable = {r.family: r.comparable for r in runs}
     if all(_has(r, comparable[r.family]) for r in runs):
         return comparable, "entity"
-    return {f: FAMILIES[f].headline_metric for f in families}, "headline"
+    return {r.family: r.headline for r in runs}, "headline"
 
 
 def group_runs(runs: list[RunRecords], metrics: dict[str, str]) -> list[Group]:
-    from .families import FAMILIES
-
     groups: dict[str, Group] = {}
     for run in runs:
         key = json.dumps(config_key(run.config), sort_keys=True)
         if key not in groups:
-            family = FAMILIES[run.family]
-            groups[key] = Group(key, run.family, metrics[run.family], family.headline_metric)
+            groups[key] = Group(key, run.family, metrics[run.family], run.headline)
         groups[key].runs.append(run)
     ordered = list(groups.values())
     varying = _varying_keys([json.loads(g.key) for g in ordered])
@@ -220,8 +264,7 @@ def summarize(groups: list[Group], select_split: str | None) -> list[dict[str, A
     for g in groups:
         picks, runs = [], []
         for run in g.runs:
-            select = select_split or run.config["train"]["valid_split"]
-            pick = best_and_last(run, g.metric, select)
+            pick = best_and_last(run, g.metric, select_of(run, select_split))
             if pick is not None:
                 picks.append(pick)
                 runs.append(run)
@@ -254,8 +297,22 @@ def summarize(groups: list[Group], select_split: str | None) -> list[dict[str, A
         if len(sizes) == 1:
             row["num_entities"] = int(sizes.pop())
             row["chance"] = chance_mrr(row["num_entities"])
+        row.update(_rising(g, runs, select_split))
         rows.append(row)
     return rows
+
+
+def _rising(g: Group, runs: list[RunRecords], select_split: str | None) -> dict[str, Any]:
+    """Whether the group's mean curve over seeds (on the select split, at the steps every seed
+    has) was still rising at its last checkpoint, and how many seeds' own curves were."""
+    curves = [run_curve(run, select_of(run, select_split), g.metric) for run in runs]
+    steps, stats = mean_curve(curves)
+    mean = curve_trend({s: m for s, (m, _) in zip(steps, stats)})
+    return {
+        "still_rising": bool(mean and mean.rising),
+        "rising_seeds": sum(bool((t := curve_trend(c)) and t.rising) for c in curves),
+        "curve": mean.as_dict() if mean else None,
+    }
 
 
 def _put(row: dict[str, Any], key: str, values: list[float | None]) -> None:
@@ -308,12 +365,15 @@ def to_markdown(rows: list[dict[str, Any]], select_split: str | None, how: str) 
     cols += ["own metric", "own test best", "own atomic best"] if own else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
+        up = set(_selects(r, select_split)) if r["still_rising"] else set()
         b = r.get("best_step")
         step = f"{b['mean']:.0f} ({b['min']}–{b['max']})" if b else "–"
         name = r["group"] + (" *" if r["in_progress"] else "")
         cells = [name, r["family"], str(r["n"]), step]
         cells += [
-            _cell(r.get(f"{s}_{w}")) for s in ("test", "atomic", "train") for w in ("best", "last")
+            _cell(r.get(f"{s}_{w}")) + (f" {RISING}" if w == "best" and s in up else "")
+            for s in ("test", "atomic", "train")
+            for w in ("best", "last")
         ]
         if own:
             same = "own_test_best" not in r  # its own metric is the table's
@@ -325,18 +385,41 @@ def to_markdown(rows: list[dict[str, Any]], select_split: str | None, how: str) 
             "",
             "\\* in progress: not every run has finished and been evaluated on all splits.",
         ]
+    lines += _rising_note(rows)
     return "\n".join(_header(rows, select_split, how) + lines) + "\n"
+
+
+def _selects(row: dict[str, Any], select_split: str | None) -> list[str]:
+    return [select_split] if select_split else list(row["select_split"])
+
+
+def _rising_note(rows: list[dict[str, Any]]) -> list[str]:
+    """The line under the table that names the groups still rising (none: no line)."""
+    rising = [r for r in rows if r["still_rising"]]
+    if not rising:
+        return []
+    groups = ", ".join(
+        f"{r['group']} ({r['rising_seeds']} of {r['n']} seeds rise on their own)" for r in rising
+    )
+    return [
+        "",
+        f"{RISING} still rising at the last checkpoint: conclusions provisional; train longer: "
+        f"{groups}. (The best checkpoint of the seeds' mean curve on the select split is in the "
+        "last quarter of the run and above the earlier best by more than twice the evaluation "
+        "noise and 0.01; revjepa.convergence.)",
+    ]
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    cols = ["group", "family", "metric", "n", "seeds", "in_progress", "best_step_mean",
-            "best_step_min", "best_step_max"]  # fmt: skip
+    cols = ["group", "family", "metric", "n", "seeds", "in_progress", "still_rising",
+            "rising_seeds", "best_step_mean", "best_step_min", "best_step_max"]  # fmt: skip
     cols += [f"{s}_{w}_{m}" for s in SPLITS for w in ("best", "last") for m in ("mean", "std")]
     writer = csv.DictWriter(buf, fieldnames=cols)
     writer.writeheader()
     for r in rows:
-        out = {k: r[k] for k in ("group", "family", "metric", "n", "in_progress")}
+        keys = ("group", "family", "metric", "n", "in_progress", "still_rising", "rising_seeds")
+        out = {k: r[k] for k in keys}
         out["seeds"] = " ".join(map(str, r["seeds"]))
         for k in ("mean", "min", "max"):
             out[f"best_step_{k}"] = r.get("best_step", {}).get(k)
@@ -349,9 +432,15 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def report(
-    dirs: list[Path], metric: str | None, select_split: str | None, fmt: str, plot: str | None
+    dirs: list[Path],
+    metric: str | None,
+    select_split: str | None,
+    fmt: str,
+    plot: str | None,
+    log_steps: bool = False,
 ) -> str:
-    """The report text in `fmt`; with `plot`, also the seed-band PNG."""
+    """The report text in `fmt`; with `plot`, also the seed-band PNG (steps on a log axis with
+    `log_steps`)."""
     if select_split is not None and select_split not in SPLITS:
         raise UserError(f"--select_split must be one of {', '.join(SPLITS)}, got {select_split!r}")
     runs = [load_run(p) for p in find_runs(dirs)]
@@ -363,7 +452,7 @@ def report(
             f"no run has an evaluation with the metric {', '.join(set(metrics.values()))}"
         )
     if plot:
-        plot_groups(groups, Path(plot))
+        plot_groups(groups, Path(plot), log_steps)
     if fmt == "json":
         return json.dumps(rows, indent=2, allow_nan=True) + "\n"
     if fmt == "csv":
@@ -371,8 +460,19 @@ def report(
     return to_markdown(rows, select_split, how)
 
 
-def plot_groups(groups: list[Group], out: Path) -> None:
-    """Per group the mean curve and a +-std band over seeds, one panel per split."""
+def plot_groups(groups: list[Group], out: Path, log_steps: bool = False) -> None:
+    """Write `band_figure` to `out`."""
+    import matplotlib.pyplot as plt
+
+    fig = band_figure(groups, log_steps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def band_figure(groups: list[Group], log_steps: bool = False) -> Figure:
+    """Per group the mean curve and a +-std band over seeds, one panel per split; steps on a log
+    axis with `log_steps` (grokking curves are read that way; a step 0 is left out there)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,27 +481,20 @@ def plot_groups(groups: list[Group], out: Path) -> None:
     fig, axes = plt.subplots(1, len(SPLITS), figsize=(5 * len(SPLITS), 4), squeeze=False)
     for ax, split in zip(axes[0], ("test", "atomic", "train")):
         for g in groups:
-            curves = [
-                {r["step"]: _value(r, split, g.metric) for r in run.records
-                 if _value(r, split, g.metric) is not None}
-                for run in g.runs
-            ]  # fmt: skip
-            curves = [c for c in curves if c]
+            curves = [c for run in g.runs if (c := run_curve(run, split, g.metric))]
             if not curves:
                 continue
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            stats = [mean_std([c[s] for c in curves]) for s in steps]
+            steps, stats = mean_curve(curves)
             mean = [m for m, _ in stats]
             std = [0.0 if math.isnan(s) else s for _, s in stats]
             line = ax.plot(steps, mean, label=f"{g.label} (n={len(curves)})")[0]
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
                             [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)  # fmt: skip
         ax.set_title(split)
-        ax.set_xlabel("step")
+        ax.set_xscale("log" if log_steps else "linear")
+        ax.set_xlabel("step (log)" if log_steps else "step")
         ax.set_ylabel(", ".join(sorted({g.metric for g in groups})))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    return fig

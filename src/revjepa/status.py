@@ -1,10 +1,12 @@
 """`revjepa status`: where runs stand, from their files alone (a trainer is never disturbed).
 
 Per run: the step / max steps, steps/s and ETA from the recent log records, the last and the
-best evaluation (headline metric per split), the newest valid checkpoint, whether a trainer
-holds the run's lock now, the state (running / finished / preempted / failed / crashed / not
-started) and the collapse alarm. `run_status` and `collect_status` return plain dicts, for
-other commands (a sweep's summary) to reuse.
+best evaluation (headline metric per split), the curve's shape on the metric and split that
+`revjepa report` would use (and whether it was still rising at its last checkpoint,
+`convergence.trend`), the newest valid checkpoint, whether a trainer holds the run's lock now,
+the state (running / finished / preempted / failed / crashed / not started) and the collapse
+alarm. `run_status` and `collect_status` return plain dicts, for other commands (a sweep's
+summary) to reuse.
 """
 
 from __future__ import annotations
@@ -18,11 +20,9 @@ from typing import Any
 from .checkpoint import find_latest_valid, list_checkpoints
 from .collapse import collapse_summary
 from .errors import UserError
+from .report import choose_metrics, curve_trend, family_metrics, load_run, run_curve, select_of
 from .runlog import RUN_STATE, lock_held, read_jsonl
 
-# The families' `headline_metric`, for runs whose training_args.json predates its `resolved`
-# record of it (a test keeps them equal): status reads files and imports no model code.
-HEADLINE = {"gpt2_jepa": "mrr", "concept_jepa": "concept_mrr_full"}
 RATE_RECORDS = 5  # the recent training records that steps/s is measured over
 RUN_FILES = ("training_args.json", RUN_STATE, "metrics.jsonl", "checkpoints")
 
@@ -114,6 +114,22 @@ def _checkpoint(run_dir: Path, verify: bool) -> dict[str, Any] | None:
     return {"step": step, "path": str(path), "verified": False}
 
 
+def _curve(run_dir: Path) -> dict[str, Any] | None:
+    """`convergence.trend` of the run's curve on the metric and split `revjepa report` would
+    use (from eval_all.jsonl, else the evaluations in metrics.jsonl), with that metric and
+    split; None without evaluations."""
+    if not (run_dir / "training_args.json").is_file():
+        return None
+    try:
+        run = load_run(run_dir)
+    except (UserError, KeyError):
+        return None  # training_args.json caught half-way through a write
+    metric = choose_metrics([run], None)[0][run.family]
+    split = select_of(run, None)
+    found = curve_trend(run_curve(run, split, metric))
+    return None if found is None else {"metric": metric, "split": split, **found.as_dict()}
+
+
 def run_status(run_dir: Path, verify: bool = True) -> dict[str, Any]:
     """The status of one run directory (see the module docstring)."""
     args = _read_json(run_dir / "training_args.json") or {}
@@ -121,7 +137,7 @@ def run_status(run_dir: Path, verify: bool = True) -> dict[str, Any]:
     held = lock_held(run_dir)
     records = read_jsonl(run_dir / "metrics.jsonl")
     family = args.get("model", {}).get("family", "gpt2_jepa")
-    headline = args.get("resolved", {}).get("headline_metric") or HEADLINE.get(family, "mrr")
+    headline = family_metrics(args)[1]
     valid = args.get("train", {}).get("valid_split", "test")
     train = [r for r in records if "loss" in r]
     step = max([r["step"] for r in records] + [int((run_state or {}).get("step", 0))])
@@ -131,6 +147,7 @@ def run_status(run_dir: Path, verify: bool = True) -> dict[str, Any]:
     evals = _evaluations(records, headline)
     ranked = [e for e in evals if valid in e[headline]]
     metrics_path = run_dir / "metrics.jsonl"
+    curve = _curve(run_dir)
     return {
         "run_dir": str(run_dir),
         "state": state,
@@ -147,6 +164,8 @@ def run_status(run_dir: Path, verify: bool = True) -> dict[str, Any]:
         "valid_split": valid,
         "last_eval": evals[-1] if evals else None,
         "best_eval": max(ranked, key=lambda e: e[headline][valid]) if ranked else None,
+        "curve": curve,
+        "still_rising": curve["rising"] if curve else None,
         "checkpoint": _checkpoint(run_dir, verify),
         "signal": (run_state or {}).get("signal"),
         "error": (run_state or {}).get("error"),
@@ -180,6 +199,13 @@ def _eval_cell(ev: dict[str, Any] | None, headline: str) -> str:
     return f"{ev['step']}: {values}"
 
 
+def _curve_cell(curve: dict[str, Any] | None, named: bool) -> str:
+    """The curve's shape; `named`: with its metric and split (the rows differ in them)."""
+    if curve is None:
+        return "-"
+    return f"{curve['metric']} on {curve['split']}: {curve['shape']}" if named else curve["shape"]
+
+
 def _notes(row: dict[str, Any]) -> str:
     notes = []
     if row["state"] == "preempted" and row["signal"]:
@@ -203,6 +229,8 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         return "no runs"
     headline = rows[0]["headline"] if len({r["headline"] for r in rows}) == 1 else "headline"
     header = ["run", "state", "step", "steps/s", "ETA", f"last eval ({headline})", "best eval"]
+    on = sorted({(r["curve"]["metric"], r["curve"]["split"]) for r in rows if r["curve"]})
+    header += [f"curve ({on[0][0]} on {on[0][1]})" if len(on) == 1 else "curve"]
     header += ["checkpoint", "notes"]
     table = [header]
     for r in rows:
@@ -217,6 +245,7 @@ def format_status(rows: list[dict[str, Any]]) -> str:
                 _duration(r["eta_s"]),
                 _eval_cell(r["last_eval"], r["headline"]),
                 _eval_cell(r["best_eval"], r["headline"]),
+                _curve_cell(r["curve"], named=len(on) > 1),
                 f"step {ck['step']:,}" if ck else "-",
                 _notes(r),
             ]
