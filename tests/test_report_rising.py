@@ -208,3 +208,23 @@ def test_log_steps_reaches_the_plot(sweep, tmp_path, capsys, monkeypatch):
     assert seen == [(png, True)]
     assert main(["report", str(sweep), "--log_steps"]) == 2
     assert "--log_steps applies to --plot" in capsys.readouterr().err
+
+
+def test_report_header_says_why_it_fell_back(tmp_path, capsys):
+    """A run whose entity_mrr was skipped (`--entity_mrr auto`: the key is absent, never 0)
+    sends the report to the headline metric, and its header says which runs lack what."""
+    write_run(tmp_path / "a", 0, 1e-3, K1[:4], [0.1, 0.2, 0.3, 0.4])
+    write_run(tmp_path / "b", 1, 1e-3, K1[:4], [0.1, 0.2, 0.3, 0.4])
+    records = (tmp_path / "b" / "eval_all.jsonl").read_text().splitlines()
+    skipped = []
+    for line in records:
+        r = json.loads(line)
+        for m in r["splits"].values():
+            del m["entity_mrr"]
+        skipped.append(json.dumps(dict(r, entity_mrr_computed=False)) + "\n")
+    (tmp_path / "b" / "eval_all.jsonl").write_text("".join(skipped))
+    assert main(["report", str(tmp_path)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "each family's headline metric (not the entity-level metric: 1 of 2 runs lack " in header
+    assert "`entity_mrr`" in header and "--entity_mrr auto" in header
+    assert header.startswith("Metric: `mrr` (gpt2_jepa)")

@@ -52,9 +52,10 @@ def joint_ranks(
     for start in range(0, logp1.shape[0], chunk):
         a = logp1[start : start + chunk].double()
         b = logp2[start : start + chunk]
-        target = a.gather(1, t1[start : start + chunk, None]) + b.gather(
-            1, t2[start : start + chunk, None]
-        ).double()
+        target = (
+            a.gather(1, t1[start : start + chunk, None])
+            + b.gather(1, t2[start : start + chunk, None]).double()
+        )
         # sorted in the input's precision (float32: half the bytes to move), then widened: the
         # widening is exact, so this is the float64 sort of the same values
         sorted_b = b.sort(1).values.double()

@@ -341,11 +341,24 @@ _HOW = {
 }
 
 
-def _header(rows: list[dict[str, Any]], select_split: str | None, how: str) -> list[str]:
+def fallback_note(runs: list[RunRecords]) -> str:
+    """Why a report fell back to the headline metrics: which runs lack the comparable one."""
+    lacking = [r for r in runs if not _has(r, r.comparable)]
+    names = sorted({r.comparable for r in lacking})
+    return (
+        f" (not the entity-level metric: {len(lacking)} of {len(runs)} runs lack "
+        f"{', '.join(f'`{n}`' for n in names)}, e.g. skipped by `--entity_mrr auto` or off, "
+        "or a sweep's `entity_mrr`; the families' scales then differ)"
+    )
+
+
+def _header(
+    rows: list[dict[str, Any]], select_split: str | None, how: str, note: str = ""
+) -> list[str]:
     select = select_split or "each run's --valid_split"
     metrics = ", ".join(sorted({f"`{r['metric']}` ({r['family']})" for r in rows}))
     lines = [
-        f"Metric: {metrics}: {_HOW[how]}. Best = the checkpoint with the highest metric on "
+        f"Metric: {metrics}: {_HOW[how]}{note}. Best = the checkpoint with the highest metric on "
         f"{select} (per run; the earliest on ties); last = the run's last evaluated checkpoint. "
         "Mean ± sample std (n − 1) over seeds."
     ]
@@ -358,7 +371,9 @@ def _header(rows: list[dict[str, Any]], select_split: str | None, how: str) -> l
     return [" ".join(lines), ""]
 
 
-def to_markdown(rows: list[dict[str, Any]], select_split: str | None, how: str) -> str:
+def to_markdown(
+    rows: list[dict[str, Any]], select_split: str | None, how: str, note: str = ""
+) -> str:
     own = any("own_test_best" in r for r in rows)
     cols = ["group", "family", "n", "best step (mean, min–max)"]
     cols += [f"{s} {w}" for s in ("test", "atomic", "train") for w in ("best", "last")]
@@ -386,7 +401,7 @@ def to_markdown(rows: list[dict[str, Any]], select_split: str | None, how: str) 
             "\\* in progress: not every run has finished and been evaluated on all splits.",
         ]
     lines += _rising_note(rows)
-    return "\n".join(_header(rows, select_split, how) + lines) + "\n"
+    return "\n".join(_header(rows, select_split, how, note) + lines) + "\n"
 
 
 def _selects(row: dict[str, Any], select_split: str | None) -> list[str]:
@@ -457,7 +472,7 @@ def report(
         return json.dumps(rows, indent=2, allow_nan=True) + "\n"
     if fmt == "csv":
         return to_csv(rows)
-    return to_markdown(rows, select_split, how)
+    return to_markdown(rows, select_split, how, fallback_note(runs) if how == "headline" else "")
 
 
 def plot_groups(groups: list[Group], out: Path, log_steps: bool = False) -> None:
