@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import REVERSE_TRAINING
 from .errors import UserError
 
 KINDS = ("train", "atomic", "test")
@@ -576,6 +577,32 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 def loss_dropout_keep(seed: int, step: int, n: int, p: float) -> torch.Tensor:
     """Per-item keep mask of the global batch, a pure function of (seed, step)."""
     return torch.rand(n, generator=stream_generator(seed, "loss_dropout", step)) >= p
+
+
+def reverse_sequences(seq: torch.Tensor, entity_len: int, how: str) -> torch.Tensor:
+    """Reverse training's reversal of every row of `seq` (N, L) at once, the relation token
+    unchanged (r, not r_inv) and the template `X r <mask> Y` kept:
+      entity  e1 r <mask> e2 -> e2 r <mask> e1            (f1 l1 r m f2 l2 -> f2 l2 r m f1 l1)
+      token   every token reversed, r <mask> kept in order (f1 l1 r m f2 l2 -> l2 f2 r m l1 f1)
+    With one-token entities the two coincide."""
+    if how not in REVERSE_TRAINING[1:]:
+        raise ValueError(f"unknown reversal {how!r}")
+    e = entity_len
+    head, middle, tail = seq[:, :e], seq[:, e : e + 2], seq[:, e + 2 :]
+    if how == "token":
+        head, tail = head.flip(1), tail.flip(1)
+    return torch.cat([tail, middle, head], 1)
+
+
+def training_pool(train: Split, entity_len: int, how: str) -> Split:
+    """The items the batch sampler draws from: the training split, and with reverse training
+    (`how` entity or token) one reversed copy of every item after it, of its source's kind (a
+    reversed train pair's JEPA partner `Y r_inv X` is the reversal of the pair's other item,
+    itself in the pool). Same batch size and steps: half of each batch is reversed on average."""
+    if how == "none":
+        return train
+    reversed_seq = reverse_sequences(train.seq, entity_len, how)
+    return Split(torch.cat([train.seq, reversed_seq]), train.kind.repeat(2))
 
 
 @dataclass

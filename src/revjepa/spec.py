@@ -50,6 +50,7 @@ ABBREVIATIONS = {
     "n_embd": "d",
     "n_layer": "L",
     "dropout": "drop",
+    "reverse_training": "rev",
 }
 
 
