@@ -443,9 +443,11 @@ def test_loader_tensors_match_json(small_cfg, small_gen, small_dir):
         "mask_id": small_gen.vocab["<mask>"],
         "pad_id": small_gen.vocab["<pad>"],
         "pred_id": small_gen.vocab["<PRED>"],
+        "identity_bridge": False,
         "train_items": n_train,
         "train_kind_train": 3000,
         "train_kind_atomic": 900,
+        "train_identity": 0,
         "valid_train": 100,
         "valid_atomic": 100,
         "valid_test": 100,
@@ -771,7 +773,7 @@ MESSAGE = {
     "pad in the relation position": "item 9: the relation position holds a non-relation token",
     "mask position not mask": "item 9: the mask position does not hold <mask>",
     "unknown type": "item 9 has type 'foo', expected train",
-    "unknown type in train.json": "item 9 has type 'valid', expected train/atomic/test",
+    "unknown type in train.json": "item 9 has type 'valid', expected train/atomic/test/identity",
     "type of another split": "item 9 has type 'atomic', expected test",
     "test item in train.json": "contains items of type 'test'",
     "type is a list": "item 9 has type ['test'], expected test",
@@ -792,7 +794,8 @@ MESSAGE = {
 
 
 def test_bad_input_table_is_consistent(small_cfg, small_gen):
-    assert dataclasses.asdict(small_cfg) == SMALL_COMB  # gen_args makes the same dataset
+    # gen_args makes the same dataset
+    assert dataclasses.asdict(small_cfg) == {**SMALL_COMB, "identity_bridge": False}
     assert len(small_gen.vocab) == V
     assert (small_gen.vocab["<mask>"], small_gen.vocab["<r_0>"]) == (320, 321)
     assert small_gen.vocab["<pad>"] == V - 2

@@ -164,8 +164,11 @@ def test_run_writes_schedule_checkpoints_and_records(data_dir, tmp_path):
     assert best["best_mrr"] == pytest.approx(max(r["eval_test_mrr"] for r in evals))
 
 
-def test_resume_is_bit_identical_with_identical_metrics(data_dir, tmp_path):
+@pytest.mark.parametrize("reverse_training", ["none", "token"])
+def test_resume_is_bit_identical_with_identical_metrics(data_dir, tmp_path, reverse_training):
     common = [
+        "--reverse_training",
+        reverse_training,
         "--max_steps",
         "30",
         "--save_step_dense",
@@ -319,6 +322,7 @@ def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
         (["--fp16", "--bf16"], "mutually exclusive"),
         (["--learning_rate", "abc"], "invalid float value"),
         (["--no_such_flag"], "unrecognized arguments"),
+        (["--reverse_training", "words"], "invalid choice"),
         (["--vocab_size", "99"], "does not match"),
         (["--batch_size", "100000", "--max_steps", "1"], "fewer than one global batch"),
     ],

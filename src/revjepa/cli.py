@@ -24,8 +24,8 @@ from .config import (
 from .errors import UserError
 
 
-def cmd_gen_data(argv: list[str]) -> int:
-    from .data import GenConfig, generate, load_dataset, summarize, write_generated
+def _gen_data_parser() -> argparse.ArgumentParser:
+    from .data import GenConfig
 
     p = new_parser("revjepa gen-data", "Generate the inversion (reversal) dataset.")
     defaults = GenConfig()
@@ -61,16 +61,31 @@ def cmd_gen_data(argv: list[str]) -> int:
     )
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (42)")
     p.add_argument(
+        "--identity_bridge",
+        action="store_true",
+        help="add the identity fact `e <r_id> e` of every entity to train.json, type identity "
+        "(Ma et al. 2026); valid.json and the other items stay as without it",
+    )
+    p.add_argument(
         "--output_dir",
         default=None,
         help="default data/inversionidcomb{comb}.{nA}.{nB} (data/inversionid.{nA}.{nB} "
-        "with --comb 0)",
+        "with --comb 0), with .idbridge appended under --identity_bridge",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing dataset in --output_dir"
     )
-    a = p.parse_args(argv)
-    cfg = GenConfig(a.num_ga_entities, a.gb_ratio, a.num_rel_pairs, a.comb, a.test_size, a.seed)
+    return p
+
+
+def cmd_gen_data(argv: list[str]) -> int:
+    from .data import GenConfig, generate, load_dataset, summarize, write_generated
+
+    a = _gen_data_parser().parse_args(argv)
+    cfg = GenConfig(
+        a.num_ga_entities, a.gb_ratio, a.num_rel_pairs, a.comb, a.test_size, a.seed,
+        a.identity_bridge,
+    )  # fmt: skip
     cfg.validate()
     out = Path(a.output_dir or cfg.default_dir())
     existing = [n for n in ("train.json", "valid.json", "vocab.json") if (out / n).exists()]

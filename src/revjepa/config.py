@@ -25,6 +25,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CONCEPT_NORMS = ("rms", "layernorm")
 CONCEPT_CANDIDATES = ("all", "entities")
 ON_OFF = ("on", "off")
+# --reverse_training (Golovneva et al. 2024): how each training item is reversed (data.py)
+REVERSE_TRAINING = ("none", "entity", "token")
 # The named loss terms a family may declare (`LossFamily.loss_terms`) and their weights.
 LOSS_TERM_WEIGHTS = {"ntp": "gamma_ntp", "jepa": "lambda_jepa"}
 REPORT_BACKENDS = ("tensorboard", "wandb")  # --report_to (tracking.py); "all" = every one
@@ -178,6 +180,13 @@ class TrainConfig:
     )
     learning_rate: float = _f(1e-4, "peak learning rate")
     weight_decay: float = _f(0.01, "AdamW weight decay on matrices only")
+    reverse_training: str = _f(
+        "none",
+        "reverse training (Golovneva et al. 2024): train on every item and on its reversal, "
+        "entity (e2 r <mask> e1) or token (every token reversed); same steps and batch size, "
+        "reversed items drawn from the doubled pool",
+        choices=REVERSE_TRAINING,
+    )
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     warmup_steps: int = _f(0, "linear warm-up steps")
     scheduler: str = _f("constant_with_warmup", "learning-rate schedule", choices=SCHEDULERS)
@@ -360,19 +369,7 @@ class RunConfig:
             raise UserError("--weight_decay and --max_grad_norm must be >= 0")
         if t.num_workers < 0:
             raise UserError("--num_workers must be >= 0")
-        if t.scheduler not in SCHEDULERS:
-            raise UserError(f"unknown --scheduler {t.scheduler!r}")
-        if t.valid_split not in SPLITS:
-            raise UserError(f"unknown --valid_split {t.valid_split!r}")
-        if t.eval_entity_mrr not in ON_OFF:
-            raise UserError(f"--eval_entity_mrr must be on or off, got {t.eval_entity_mrr!r}")
-        if t.cpu_kernels not in ON_OFF:
-            raise UserError(f"--cpu_kernels must be on or off, got {t.cpu_kernels!r}")
-        if t.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"unknown --device {t.device!r}")
-        if t.preset is not None and t.preset not in PRESETS:
-            raise UserError(f"unknown --preset {t.preset!r}; choose from {', '.join(PRESETS)}")
-        report_backends(t.report_to)  # raises on a bad value
+        _validate_train_choices(t)
         if not -1.0 <= t.collapse_cos_threshold <= 1.0:
             raise UserError(
                 f"--collapse_cos_threshold must be in [-1, 1], got {t.collapse_cos_threshold}"
@@ -410,6 +407,26 @@ class RunConfig:
                 "--model_family concept_jepa trains only the concept loss: --no_jepa or "
                 "--lambda_jepa 0 leaves nothing to train"
             )
+
+
+def _validate_train_choices(t: TrainConfig) -> None:
+    """The training fields that name one of a few values (a configuration read from a
+    checkpoint or a file has not been through argparse's choices)."""
+    if t.scheduler not in SCHEDULERS:
+        raise UserError(f"unknown --scheduler {t.scheduler!r}")
+    if t.valid_split not in SPLITS:
+        raise UserError(f"unknown --valid_split {t.valid_split!r}")
+    if t.reverse_training not in REVERSE_TRAINING:
+        raise UserError(f"unknown --reverse_training {t.reverse_training!r}")
+    if t.eval_entity_mrr not in ON_OFF:
+        raise UserError(f"--eval_entity_mrr must be on or off, got {t.eval_entity_mrr!r}")
+    if t.cpu_kernels not in ON_OFF:
+        raise UserError(f"--cpu_kernels must be on or off, got {t.cpu_kernels!r}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown --device {t.device!r}")
+    if t.preset is not None and t.preset not in PRESETS:
+        raise UserError(f"unknown --preset {t.preset!r}; choose from {', '.join(PRESETS)}")
+    report_backends(t.report_to)  # raises on a bad value
 
 
 def report_backends(value: str) -> tuple[str, ...]:

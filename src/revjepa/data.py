@@ -5,6 +5,9 @@ On disk (the format of the authors' `data/inversionidcomb10.50000.30000/`):
   valid.json  {"train": [...], "atomic": [...], "test": [...]}
   vocab.json  {token: id}: entity tokens, <mask>, <r_0>, <r_0_inv>, ..., <pad>, <PRED>
 
+With `gen-data --identity_bridge` (Ma et al. 2026), vocab.json also holds <r_id> (last id), and
+train.json ends with one identity fact `e <r_id> <mask> e` per entity, of type "identity".
+
 In memory every split is one integer tensor of sequences `e1 + [r] + [mask] + e2` (shape N x L,
 L = 2E + 2 where E is the number of tokens per entity) and a kind tensor; a batch is an index.
 """
@@ -23,10 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import REVERSE_TRAINING
 from .errors import UserError
 
 KINDS = ("train", "atomic", "test")
 KIND_ID = {k: i for i, k in enumerate(KINDS)}
+# The identity relation of --identity_bridge: `e <r_id> e`, its own inverse. Identity facts are
+# training-only, type "identity" in train.json, and load as kind atomic (NTP, no JEPA row).
+IDENTITY, IDENTITY_TYPE = "<r_id>", "identity"
+_TRAIN_TYPES = {**KIND_ID, IDENTITY_TYPE: len(KINDS)}  # a loader-only code, mapped to atomic
 MAX_JSON_BYTES = 4 << 30  # refuse absurd inputs before reading them
 MASK, PAD, PRED = "<mask>", "<pad>", "<PRED>"
 _RELATION = re.compile(r"^<r_(.+?)(_inv)?>$")
@@ -94,6 +102,7 @@ class GenConfig:
     comb: int = 10
     test_size: int = 3_000
     seed: int = 42
+    identity_bridge: bool = False  # add `e <r_id> e` for every entity (Ma et al. 2026)
 
     @property
     def num_gb_entities(self) -> int:
@@ -101,9 +110,10 @@ class GenConfig:
 
     def default_dir(self) -> str:
         n_a, n_b = self.num_ga_entities, self.num_gb_entities
+        bridge = ".idbridge" if self.identity_bridge else ""
         if self.comb == 0:
-            return f"data/inversionid.{n_a}.{n_b}"
-        return f"data/inversionidcomb{self.comb}.{n_a}.{n_b}"
+            return f"data/inversionid.{n_a}.{n_b}{bridge}"
+        return f"data/inversionidcomb{self.comb}.{n_a}.{n_b}{bridge}"
 
     def validate(self) -> None:
         if not math.isfinite(self.gb_ratio):
@@ -148,15 +158,13 @@ class Generated:
     train_kind: np.ndarray  # (N,) int64
     valid: dict[str, np.ndarray]  # split -> (n, L)
     entity_len: int
+    identity: np.ndarray | None = None  # (n_entities, L) `e <r_id> <mask> e`, or None
 
 
-def generate(cfg: GenConfig) -> Generated:
-    """Build the dataset in memory, vectorized; the same config always gives the same arrays."""
-    cfg.validate()
-    rng = np.random.default_rng(cfg.seed)
-    n_a, n_b = cfg.num_ga_entities, cfg.num_gb_entities
-    n = n_a + n_b
-
+def _entities(cfg: GenConfig, rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The entity name tokens, their random id order (token_order[id] = name index) and the
+    entities as rows of token ids (n, E), the first random draws of `generate`."""
+    n = cfg.num_ga_entities + cfg.num_gb_entities
     if cfg.comb:
         # Entity (i, s) has first name f_i and last name l_{(i + shift_s) mod m}: every first and
         # every last name is used by exactly `comb` entities and no (first, last) pair repeats.
@@ -168,13 +176,21 @@ def generate(cfg: GenConfig) -> Generated:
         token_order = rng.permutation(len(names))  # entity tokens in random id order
         token_id = np.empty(len(names), dtype=np.int64)
         token_id[token_order] = np.arange(len(names))
-        entities = np.stack([token_id[first], token_id[m + last]], axis=1)
-    else:
-        names = [f"<e_{i}>" for i in range(n)]
-        token_order = rng.permutation(n)
-        token_id = np.empty(n, dtype=np.int64)
-        token_id[token_order] = np.arange(n)
-        entities = token_id[:, None]
+        return names, token_order, np.stack([token_id[first], token_id[m + last]], axis=1)
+    names = [f"<e_{i}>" for i in range(n)]
+    token_order = rng.permutation(n)
+    token_id = np.empty(n, dtype=np.int64)
+    token_id[token_order] = np.arange(n)
+    return names, token_order, token_id[:, None]
+
+
+def generate(cfg: GenConfig) -> Generated:
+    """Build the dataset in memory, vectorized; the same config always gives the same arrays."""
+    cfg.validate()
+    rng = np.random.default_rng(cfg.seed)
+    n_a, n_b = cfg.num_ga_entities, cfg.num_gb_entities
+    n = n_a + n_b
+    names, token_order, entities = _entities(cfg, rng)
     entities = entities[rng.permutation(n)]  # random assignment to groups A and B
     group_a, group_b = entities[:n_a], entities[n_a:]
 
@@ -182,6 +198,8 @@ def generate(cfg: GenConfig) -> Generated:
     for r in range(cfg.num_rel_pairs):
         vocab_tokens += [f"<r_{r}>", f"<r_{r}_inv>"]
     vocab_tokens += [PAD, PRED]
+    if cfg.identity_bridge:
+        vocab_tokens.append(IDENTITY)  # last, so that every other token keeps its id
     vocab = {tok: i for i, tok in enumerate(vocab_tokens)}
     mask_id = vocab[MASK]
 
@@ -219,7 +237,9 @@ def generate(cfg: GenConfig) -> Generated:
         "atomic": atomic[rng.choice(len(atomic), cfg.test_size, replace=False)],
         "test": test[rng.choice(len(test), cfg.test_size, replace=False)],
     }
-    return Generated(vocab, train_seq, train_kind, valid, entities.shape[1])
+    # no random draw: the plain dataset's items and splits come out exactly as without the bridge
+    identity = facts(entities, vocab[IDENTITY], entities) if cfg.identity_bridge else None
+    return Generated(vocab, train_seq, train_kind, valid, entities.shape[1], identity)
 
 
 def _items_json(seq: np.ndarray, kinds: list[str] | str, entity_len: int) -> str:
@@ -243,14 +263,17 @@ def write_generated(gen: Generated, out_dir: Path) -> dict[str, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{out_dir}: cannot create the output directory: {exc}") from None
-    kinds = [KINDS[k] for k in gen.train_kind.tolist()]
+    train_seq, kinds = gen.train_seq, [KINDS[k] for k in gen.train_kind.tolist()]
+    if gen.identity is not None:  # after the plain items, which stay as they are without them
+        train_seq = np.concatenate([train_seq, gen.identity])
+        kinds += [IDENTITY_TYPE] * len(gen.identity)
     valid_json = (
         "{"
         + ", ".join(f'"{s}": {_items_json(gen.valid[s], s, gen.entity_len)}' for s in KINDS)
         + "}"
     )
     files = {
-        "train.json": _items_json(gen.train_seq, kinds, gen.entity_len),
+        "train.json": _items_json(train_seq, kinds, gen.entity_len),
         "valid.json": valid_json,
         "vocab.json": json.dumps(gen.vocab),
     }
@@ -327,6 +350,10 @@ def vocab_from_mapping(raw: object, where: str) -> Vocab:
         is_entity[i] = False
         name, inv = match.groups()
         partner = f"<r_{name}>" if inv else f"<r_{name}_inv>"
+        if tok == IDENTITY:
+            partner = tok  # the identity relation is its own inverse
+        elif name == "id":
+            raise UserError(f"{where}: {tok}: {IDENTITY} is its own inverse, there is no {tok}")
         if partner not in raw:
             raise UserError(f"{where}: relation {tok} has no inverse {partner}")
         inverse[i] = raw[partner]
@@ -396,12 +423,12 @@ def _items_to_split(
             ) from None
         if (
             not isinstance(kind, str)
-            or kind not in KIND_ID
+            or kind not in _TRAIN_TYPES
             or (expected_kind and kind != expected_kind)
         ):
-            allowed = expected_kind or "train/atomic/test"
+            allowed = expected_kind or "/".join(_TRAIN_TYPES)
             raise UserError(f"{path}: {what} item {index} has type {kind!r}, expected {allowed}")
-        kinds.append(KIND_ID[kind])
+        kinds.append(_TRAIN_TYPES[kind])
     if not rows:
         raise UserError(f"{path}: {what} is empty")
     if not all(type(x) is int for row in rows for x in row):
@@ -413,7 +440,27 @@ def _items_to_split(
             f"{path}: {what} has a token id outside the vocabulary (size {vocab.size})"
         ) from None
     _check_ids(seq, vocab, path, what, entity_len)
-    return Split(seq, torch.tensor(kinds, dtype=torch.int64)), entity_len
+    kind = torch.tensor(kinds, dtype=torch.int64)
+    _identity_as_atomic(seq, kind, vocab, f"{path}: {what}", entity_len)
+    return Split(seq, kind), entity_len
+
+
+def _identity_as_atomic(
+    seq: torch.Tensor, kind: torch.Tensor, vocab: Vocab, where: str, e: int
+) -> None:
+    """Check that exactly the items of type identity are `e <r_id> <mask> e`, then give them
+    kind atomic in place: NTP items like atomic facts (a JEPA row would pair the item with
+    itself), and no new kind for the evaluation splits, which never hold them."""
+    identity = kind == _TRAIN_TYPES[IDENTITY_TYPE]
+    rid = vocab.token_to_id.get(IDENTITY, -1)
+    bad = (seq[:, e] == rid) != identity
+    bad |= identity & (seq[:, :e] != seq[:, e + 2 :]).any(1)
+    if bad.any():
+        raise UserError(
+            f"{where} item {int(bad.nonzero()[0])}: exactly the items of type {IDENTITY_TYPE!r} "
+            f"are identity facts `e {IDENTITY} <mask> e`"
+        )
+    kind[identity] = KIND_ID["atomic"]
 
 
 def _check_ids(seq: torch.Tensor, vocab: Vocab, path: Path, what: str, e: int) -> None:
@@ -486,11 +533,15 @@ def summarize(ds: Dataset) -> dict[str, object]:
         "mask_id": ds.vocab.mask_id,
         "pad_id": ds.vocab.pad_id,
         "pred_id": ds.vocab.pred_id,
+        "identity_bridge": IDENTITY in ds.vocab.token_to_id,
     }
     if ds.train is not None:
         out["train_items"] = len(ds.train)
-        for k in ("train", "atomic"):
-            out[f"train_kind_{k}"] = int((ds.train.kind == KIND_ID[k]).sum())
+        # identity facts load as kind atomic: told apart by their relation
+        identity = ds.train.seq[:, ds.entity_len] == ds.vocab.token_to_id.get(IDENTITY, -1)
+        out["train_kind_train"] = int((ds.train.kind == KIND_ID["train"]).sum())
+        out["train_kind_atomic"] = int(((ds.train.kind == KIND_ID["atomic"]) & ~identity).sum())
+        out["train_identity"] = int(identity.sum())
     for name, split in ds.valid.items():
         out[f"valid_{name}"] = len(split)
     return out
@@ -526,6 +577,32 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 def loss_dropout_keep(seed: int, step: int, n: int, p: float) -> torch.Tensor:
     """Per-item keep mask of the global batch, a pure function of (seed, step)."""
     return torch.rand(n, generator=stream_generator(seed, "loss_dropout", step)) >= p
+
+
+def reverse_sequences(seq: torch.Tensor, entity_len: int, how: str) -> torch.Tensor:
+    """Reverse training's reversal of every row of `seq` (N, L) at once, the relation token
+    unchanged (r, not r_inv) and the template `X r <mask> Y` kept:
+      entity  e1 r <mask> e2 -> e2 r <mask> e1            (f1 l1 r m f2 l2 -> f2 l2 r m f1 l1)
+      token   every token reversed, r <mask> kept in order (f1 l1 r m f2 l2 -> l2 f2 r m l1 f1)
+    With one-token entities the two coincide."""
+    if how not in REVERSE_TRAINING[1:]:
+        raise ValueError(f"unknown reversal {how!r}")
+    e = entity_len
+    head, middle, tail = seq[:, :e], seq[:, e : e + 2], seq[:, e + 2 :]
+    if how == "token":
+        head, tail = head.flip(1), tail.flip(1)
+    return torch.cat([tail, middle, head], 1)
+
+
+def training_pool(train: Split, entity_len: int, how: str) -> Split:
+    """The items the batch sampler draws from: the training split, and with reverse training
+    (`how` entity or token) one reversed copy of every item after it, of its source's kind (a
+    reversed train pair's JEPA partner `Y r_inv X` is the reversal of the pair's other item,
+    itself in the pool). Same batch size and steps: half of each batch is reversed on average."""
+    if how == "none":
+        return train
+    reversed_seq = reverse_sequences(train.seq, entity_len, how)
+    return Split(torch.cat([train.seq, reversed_seq]), train.kind.repeat(2))
 
 
 @dataclass

@@ -50,6 +50,7 @@ ABBREVIATIONS = {
     "n_embd": "d",
     "n_layer": "L",
     "dropout": "drop",
+    "reverse_training": "rev",
 }
 
 
@@ -119,6 +120,10 @@ def _data_config(block: Any, where: str) -> dict[str, Any]:
     for key, value in block.items():
         if key not in known:
             raise UserError(f"{where}: unknown key {key!r}; gen-data flags are {', '.join(known)}")
+        if known[key].type in ("bool", bool):
+            if not isinstance(value, bool):
+                raise UserError(f"{where}.{key}: expected true or false, got {value!r}")
+            continue
         want = float if known[key].type in ("float", float) else int
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}.{key}: expected a number, got {value!r}")
@@ -129,7 +134,10 @@ def _data_config(block: Any, where: str) -> dict[str, Any]:
         cfg.validate()
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    return dataclasses.asdict(cfg)
+    flags = dataclasses.asdict(cfg)
+    if not cfg.identity_bridge:  # left out: the data keys of sweeps made before it stay the same
+        del flags["identity_bridge"]
+    return flags
 
 
 def data_key(flags: dict[str, Any]) -> str:

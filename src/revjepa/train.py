@@ -25,7 +25,7 @@ from .collapse import CollapseAlarm
 from .compiled import compile_model, compiled_or_eager, with_model
 from .config import RunConfig, resolve_config
 from .cpu import setup_cpu_kernels, uses_cpu_kernels
-from .data import BatchSampler, Dataset, load_dataset
+from .data import BatchSampler, Dataset, Split, load_dataset, training_pool
 from .distributed import Dist, init_distributed, launcher_world_size
 from .errors import UserError
 from .evaluate import evaluate_split
@@ -251,7 +251,9 @@ def setup_run(
         raise UserError(
             f"{resume_path}: the checkpoint's vocabulary does not match {tc.data_dir}/vocab.json"
         )
-    spe = steps_per_epoch(len(dataset.train), tc.batch_size * d.world, tc.data_dir)
+    # what the sampler draws from (the model's entity table stays the data's own entities)
+    pool = training_pool(dataset.train, dataset.entity_len, tc.reverse_training)
+    spe = steps_per_epoch(len(pool), tc.batch_size * d.world, tc.data_dir)
     max_steps = tc.max_steps or (tc.num_epochs * spe if tc.num_epochs else tc.total_steps_default)
     start_step = int(state["step"]) if state is not None else 0
     if start_step >= max_steps and resume_from == "latest":
@@ -276,7 +278,7 @@ def setup_run(
         lock = RunLock(output_dir)
         write_run_state(output_dir, "running", start_step, max_steps, None)
     with failure_recorded(output_dir if d.main else None, lambda: start_step, max_steps, lock):
-        return _build_run(config, state, resume_path, d, dataset, model, checkpointer, lock)
+        return _build_run(config, state, resume_path, d, dataset, pool, model, checkpointer, lock)
 
 
 def _build_run(
@@ -285,6 +287,7 @@ def _build_run(
     resume_path: Path | None,
     d: Dist,
     dataset: Dataset,
+    pool: Split,
     model: torch.nn.Module,
     checkpointer: Checkpointer,
     lock: RunLock | None,
@@ -294,7 +297,7 @@ def _build_run(
     tc, output_dir = config.train, Path(config.train.output_dir)
     device = next(model.parameters()).device  # where setup_run put it
     start_step = int(state["step"]) if state is not None else 0
-    spe = steps_per_epoch(len(dataset.train), tc.batch_size * d.world, tc.data_dir)
+    spe = steps_per_epoch(len(pool), tc.batch_size * d.world, tc.data_dir)
     max_steps = checkpointer.max_steps
     use_compile, cuda_graphs = _compile_choice(config, device, d)
     setup_logging(output_dir if d.main else None, d.main)
@@ -313,7 +316,7 @@ def _build_run(
     if state is not None:
         _restore(state, ctx, checkpointer)
     sampler = BatchSampler(
-        dataset.train, seed=tc.seed, batch_size=tc.batch_size, rank=d.rank, world=d.world,
+        pool, seed=tc.seed, batch_size=tc.batch_size, rank=d.rank, world=d.world,
         steps_per_epoch=spe, loss_dropout=config.objective.loss_dropout, device=device,
     )  # fmt: skip
     run = Run(
@@ -389,9 +392,12 @@ def _announce(run: Run, resume_path: Path | None, use_compile: bool, cuda_graphs
         f"parameters {n_params:,}"
     )
     spe, max_steps = run.steps_per_epoch, run.max_steps
+    reversed_note = ""
+    if tc.reverse_training != "none":
+        reversed_note = f" (+ {len(run.dataset.train):,} reversed, {tc.reverse_training})"
     log.info(
-        f"train items {len(run.dataset.train):,} | batch {tc.batch_size} per process, global "
-        f"{global_batch} | steps per epoch {spe:,} | max steps {max_steps:,} "
+        f"train items {len(run.dataset.train):,}{reversed_note} | batch {tc.batch_size} per "
+        f"process, global {global_batch} | steps per epoch {spe:,} | max steps {max_steps:,} "
         f"(~{max_steps / spe:.1f} epochs) | {run.checkpointer.planned_after(run.start_step)} "
         "checkpoints to write"
     )
