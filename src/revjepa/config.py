@@ -20,7 +20,7 @@ DISTANCE_METRICS = ("cosine", "l2", "mse", "infonce")
 SCHEDULERS = ("constant_with_warmup", "linear", "cosine")
 SPLITS = ("train", "atomic", "test")
 # the registered families (families.FAMILIES); a list so that one registered elsewhere can be added
-MODEL_FAMILIES = ["gpt2_jepa", "concept_jepa"]
+MODEL_FAMILIES = ["gpt2_jepa", "concept_jepa", "mlm_u"]
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONCEPT_NORMS = ("rms", "layernorm")
 CONCEPT_CANDIDATES = ("all", "entities")
@@ -452,6 +452,7 @@ FAMILY_ONLY_FIELDS = {
         "memory_value_only", "memory_spare_rows", "concept_temperature", "concept_candidates",
         "use_jepa", "lambda_jepa", "loss_dropout",
     ),
+    "mlm_u": ("n_layer", "n_positions", "tie_embeddings"),
 }  # fmt: skip
 
 
