@@ -258,6 +258,54 @@ def test_step_cost_counts_one_row_per_item_and_the_expected_masked_positions():
     assert cost.flops == train_step_flops(2, 32, 32, 6, scored, v)
 
 
+def test_real_compile_matches_eager_and_compiles_once(small_dir):
+    """The torch.compile path (CPU inductor here; CUDA graphs on a GPU): the fixed-shape plan
+    (the LM head at every maskable position, the unmasked ones weighted 0) gives the eager
+    loss and gradients for the same draw, and batches with different masked counts reuse one
+    graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from revjepa.compiled import compile_model
+    from revjepa.data import Batch
+    from revjepa.step import StepContext, forward_losses
+
+    ds = load_dataset(small_dir)
+    torch.manual_seed(0)
+    oc = ObjectiveConfig()
+    mc = ModelConfig(family="mlm_u", n_layer=1, n_embd=32, n_head=2, dropout=0.0)
+    model = build_model(mc, oc, ds.vocab, ds.entity_len).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = compile_model(model, cuda_graphs=False)
+    cpu = torch.device("cpu")
+
+    def loss_and_grads(run_model, seq, kind, seed):
+        torch.manual_seed(seed)  # the same draw for both
+        ctx = StepContext(run_model, None, None, [], oc, "fp32", cpu, 1, 0.0)
+        out, loss, _ = forward_losses(ctx, Batch(seq, kind, None))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return torch.stack([loss.detach(), out.counts["mlm"]]), grads
+
+    counts = []
+    for i in range(3):
+        idx = torch.randperm(len(ds.train.seq), generator=torch.Generator().manual_seed(i))[:48]
+        seq, kind = ds.train.seq[idx], ds.train.kind[idx]
+        eager, ge = loss_and_grads(model, seq, kind, 100 + i)
+        comp, gc = loss_and_grads(compiled, seq, kind, 100 + i)
+        assert comp[1] == eager[1]  # the same masked tokens
+        counts.append(int(eager[1]))
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+        assert ge.keys() == gc.keys() and len(ge) > 5
+        for name in ge:
+            diff = (gc[name] - ge[name]).abs().max().item()
+            assert diff <= 1e-5 * ge[name].abs().max().item(), (name, diff)
+    assert len(set(counts)) > 1  # the batches really had different masked counts
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # ----------------------------------------------------------------------------- entity ranks
 
 
