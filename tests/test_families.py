@@ -168,6 +168,6 @@ def test_a_family_from_outside_trains_resumes_and_evaluates(bag_family, small_di
 
 
 def test_the_registry_and_the_config_name_the_same_families():
-    assert list(FAMILIES) == config_module.MODEL_FAMILIES == ["gpt2_jepa", "concept_jepa"]
+    assert list(FAMILIES) == config_module.MODEL_FAMILIES == ["gpt2_jepa", "concept_jepa", "mlm_u"]
     for name, cls in FAMILIES.items():
         assert cls.family == name and cls.headline_metric and cls.comparable_metric

@@ -532,7 +532,7 @@ def test_real_compile_of_the_losses_matches_eager_and_compiles_once(small_dir):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("family", ["gpt2_jepa", "concept_jepa"])
+@pytest.mark.parametrize("family", ["gpt2_jepa", "concept_jepa", "mlm_u"])
 def test_cuda_training_step_never_waits_for_the_device(small_dir, family):
     """The trainer's batch layout (sequences on the GPU, kinds on the host) and one training
     step, loss dropout included, with CUDA's sync debug mode raising on any host sync."""

@@ -20,15 +20,16 @@ DISTANCE_METRICS = ("cosine", "l2", "mse", "infonce")
 SCHEDULERS = ("constant_with_warmup", "linear", "cosine")
 SPLITS = ("train", "atomic", "test")
 # the registered families (families.FAMILIES); a list so that one registered elsewhere can be added
-MODEL_FAMILIES = ["gpt2_jepa", "concept_jepa"]
+MODEL_FAMILIES = ["gpt2_jepa", "concept_jepa", "mlm_u"]
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONCEPT_NORMS = ("rms", "layernorm")
 CONCEPT_CANDIDATES = ("all", "entities")
 ON_OFF = ("on", "off")
 # --reverse_training (Golovneva et al. 2024): how each training item is reversed (data.py)
 REVERSE_TRAINING = ("none", "entity", "token")
-# The named loss terms a family may declare (`LossFamily.loss_terms`) and their weights.
-LOSS_TERM_WEIGHTS = {"ntp": "gamma_ntp", "jepa": "lambda_jepa"}
+# The named loss terms a family may declare (`LossFamily.loss_terms`) and the objective field
+# of their weight; None: weight 1 (the only term of its family: a weight would only scale lr).
+LOSS_TERM_WEIGHTS = {"ntp": "gamma_ntp", "jepa": "lambda_jepa", "mlm": None}
 REPORT_BACKENDS = ("tensorboard", "wandb")  # --report_to (tracking.py); "all" = every one
 
 # Named partial configurations (`--preset NAME`; explicit flags override them). The ws_* ones are
@@ -151,10 +152,12 @@ class ObjectiveConfig:
         return self.use_jepa and self.lambda_jepa != 0.0
 
     def weight(self, term: str) -> float:
-        """The weight of a named loss term in the objective (`ntp`: gamma, `jepa`: lambda)."""
+        """The weight of a named loss term in the objective (`ntp`: gamma, `jepa`: lambda,
+        `mlm`: 1)."""
         if term not in LOSS_TERM_WEIGHTS:
             raise ValueError(f"unknown loss term {term!r}")
-        return getattr(self, LOSS_TERM_WEIGHTS[term])
+        name = LOSS_TERM_WEIGHTS[term]
+        return 1.0 if name is None else getattr(self, name)
 
     def total(self, means: Mapping[str, Any]) -> Any:
         """The training objective: each of a family's named loss terms (tensors or floats) times
@@ -377,6 +380,11 @@ class RunConfig:
         if t.collapse_window < 0:
             raise UserError(f"--collapse_window must be >= 0, got {t.collapse_window}")
         self._validate_concept()
+        from .families import FAMILIES  # the registry imports this module: at call time
+
+        family = FAMILIES.get(m.family)
+        if family is not None:
+            family.check_config(self)  # the family's own refusals (LossFamily.check_config)
 
     def _validate_concept(self) -> None:
         m, o = self.model, self.objective
@@ -448,30 +456,29 @@ def report_backends(value: str) -> tuple[str, ...]:
 
 _SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig}
 
-# Fields that only one model family reads: giving one to the other family is a mistake that
-# `revjepa sweep` refuses (a single `revjepa train` keeps ignoring it, as it always has).
+# Fields that not every model family reads, listed under each family that reads them: giving
+# one to a family that does not is a mistake that `revjepa sweep` refuses (a single `revjepa
+# train` keeps ignoring it, as it always has).
 FAMILY_ONLY_FIELDS = {
     "gpt2_jepa": (
         "n_layer", "n_positions", "tie_embeddings", "gamma_ntp", "k_pred_tok",
-        "distance_metric", "infonce_temperature",
+        "distance_metric", "infonce_temperature", "use_jepa", "lambda_jepa", "loss_dropout",
     ),
     "concept_jepa": (
         "num_rec_layers", "num_sem_layers", "concept_norm", "memory_layer", "memory_top_k",
         "memory_value_only", "memory_spare_rows", "concept_temperature", "concept_candidates",
+        "use_jepa", "lambda_jepa", "loss_dropout",
     ),
+    "mlm_u": ("n_layer", "n_positions", "tie_embeddings"),
 }  # fmt: skip
 
 
 def foreign_fields(overrides: dict[str, dict[str, Any]], family: str) -> list[str]:
-    """The given fields that belong to another model family than `family`."""
+    """The given fields that some model family reads, but not `family`."""
     given = {name for values in overrides.values() for name in values}
-    return sorted(
-        name
-        for other, names in FAMILY_ONLY_FIELDS.items()
-        if other != family
-        for name in names
-        if name in given
-    )
+    own = set(FAMILY_ONLY_FIELDS.get(family, ()))
+    listed = {name for names in FAMILY_ONLY_FIELDS.values() for name in names}
+    return sorted(name for name in given if name in listed and name not in own)
 
 
 def _positive(name: str, value: int | float) -> None:

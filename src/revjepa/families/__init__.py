@@ -1,5 +1,5 @@
 """The model families and their registry: a family is a `base.LossFamily` subclass with a
-`family` name, in a module of this package (`gpt2_jepa`, `concept_jepa`); the trainer,
+`family` name, in a module of this package (`gpt2_jepa`, `concept_jepa`, `mlm_u`); the trainer,
 evaluator, bench and export build models only through `build_model`, so a new family is one
 module and one line here, and touches no trainer or evaluator file. A model is rebuilt from a
 checkpoint here too (`model_from_checkpoint`)."""
@@ -16,8 +16,9 @@ from ..errors import UserError
 from .base import LossFamily
 from .concept_jepa import ConceptJepa
 from .gpt2_jepa import GPT2Jepa
+from .mlm_u import MlmU
 
-FAMILIES: dict[str, type[LossFamily]] = {cls.family: cls for cls in (GPT2Jepa, ConceptJepa)}
+FAMILIES: dict[str, type[LossFamily]] = {cls.family: cls for cls in (GPT2Jepa, ConceptJepa, MlmU)}
 
 
 def build_model(

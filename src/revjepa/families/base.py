@@ -53,15 +53,21 @@ class LossFamily(nn.Module):
     this model calls, plain torch unless set up otherwise (`revjepa.cpu.use_cpu_kernels`).
 
     The rest of the contract, which every family defines: `family` (its registry name,
-    `families`), `loss_terms` (the names of its loss sums: `ntp`, `jepa`, weighted by
-    `ObjectiveConfig.total`; each is logged as `<name>_loss`), `headline_metric` (the evaluation metric that picks best_model.pt),
+    `families`), `loss_terms` (the names of its loss sums, each a key of
+    `config.LOSS_TERM_WEIGHTS`: `ntp`, `jepa`, `mlm`, weighted by `ObjectiveConfig.total`; each
+    is logged as `<name>_loss`), `headline_metric` (the evaluation metric that picks best_model.pt),
     `step_cost(kind)` (tokens and FLOPs of a training step), `evaluate_split(split,
     batch_size, per_layer, entity_mrr, progress)` (its metrics; `progress` a
     `revjepa.progress.Bar` it advances by the items done), `entity_metric_flops(n)` (the cost of
     its optional entity metric, for `--entity_mrr auto`), `format_table(results)` (its evaluation
     table), `hf_state_dict` / `load_hf_state_dict` (checkpoint weights), optionally
     `checkpoint_extras` / `load_checkpoint_extras` (data tables stored beside the weights),
-    `export_pretrained(dir)`.
+    `export_pretrained(dir)`, optionally `check_config` (the configurations it refuses).
+
+    Randomness: a family that draws at training time (dropout aside) draws on the host in
+    `prepare`, in training mode only, from torch's default CPU generator: the trainer seeds it
+    (--seed) and saves and restores it with every checkpoint, so a resumed run draws what an
+    uninterrupted one does; evaluation must draw nothing (it would shift the stream).
     """
 
     family: str
@@ -82,6 +88,12 @@ class LossFamily(nn.Module):
         upper bound (no pruning), from which `--entity_mrr auto` decides. 0.0: nothing extra (a
         family whose entity metric is always computed); None: not computable (no entity table)."""
         return 0.0
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise UserError (one line) for a `RunConfig` this family cannot train; called by
+        `RunConfig.validate`, so that `revjepa train` and `revjepa sweep` refuse it before
+        anything starts. The flags that only some families read are `config.FAMILY_ONLY_FIELDS`."""
 
     @classmethod
     def needs_train_data(cls, state: dict[str, Any], entity_mrr: bool) -> bool:
