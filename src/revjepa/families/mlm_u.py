@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from ..config import ModelConfig, ObjectiveConfig, RunConfig
 from ..data import Split, Vocab, entity_table, to_device
 from ..errors import UserError
-from ..flops import StepCost, train_step_flops
+from ..flops import StepCost, blocks_forward_flops, train_step_flops
 from ..metrics import EntityTrie, chance_mrr, entity_trie, item_metrics, row_index, summarise
+from ..progress import SILENT, Bar
 from .base import LossFamily, LossOutput
 from .gpt2_jepa import ENTITY_KEYS, GPT2Jepa, build_gpt2, gpt2_hidden_states
 
@@ -275,10 +276,17 @@ class MlmU(LossFamily):
 
     @torch.no_grad()
     def evaluate_split(
-        self, split: Split, batch_size: int, per_layer: bool = False, entity_mrr: bool = False
+        self,
+        split: Split,
+        batch_size: int,
+        per_layer: bool = False,
+        entity_mrr: bool = False,
+        progress: Bar | None = None,
     ) -> dict:
         """All metrics of one split (see the module doc), float32, eval mode, no RNG draw.
-        `entity_mrr`: also `entity_mrr` / `entity_acc` / `num_entities` (needs the table)."""
+        `entity_mrr`: also `entity_mrr` / `entity_acc` / `num_entities` (needs the table).
+        `progress` is advanced by the items done."""
+        bar = progress or SILENT
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -296,13 +304,10 @@ class MlmU(LossFamily):
             nll += float(F.cross_entropy(logits.flatten(0, 1), tail.flatten(), reduction="sum"))
             for name, value in item_metrics(logits, tail).items():
                 items.setdefault(name, []).append(value.cpu())
-            if entity is not None:
-                trie, nodes = entity
-                batch_nodes = [n[start : start + batch_size] for n in nodes]
-                rank = 1 + self.entity_rank_counts(s, logits, trie, batch_nodes)
-                entity_sums += torch.stack(
-                    [(1.0 / rank.double()).sum(), (rank == 1).sum().double()]
-                )
+            if entity is not None:  # gpt2_jepa's chunked search, with this family's passes
+                entity_sums += GPT2Jepa.entity_batch_sums(self, s, logits, entity, start, bar)
+            else:
+                bar.update(s.shape[0])
             if per_layer:
                 if not layer_items:
                     layer_items = [{} for _ in per]
@@ -324,6 +329,19 @@ class MlmU(LossFamily):
                 dict(layer=i, **summarise(store)) for i, store in enumerate(layer_items)
             ]
         return result
+
+    def entity_metric_flops(self, n_items: int) -> float | None:
+        """An upper bound on `entity_mrr`'s FLOPs over `n_items` (no pruning): one full
+        bidirectional pass of 2E + 2 tokens and the LM head at one position for every prefix
+        of every depth below E (the true tail's own passes are the token metrics' already)."""
+        if self.entities.shape[0] == 0:
+            return None
+        trie = entity_trie(self.entities)
+        cfg, e = self.model_cfg, self.entity_len
+        per_pass = blocks_forward_flops(cfg.n_layer, cfg.n_embd, 1, 2 * e + 2)
+        per_pass += 2 * cfg.n_embd * self.lm.config.vocab_size
+        prefixes = sum(int(trie.nodes[d].shape[0]) for d in range(1, trie.depth))
+        return float(n_items) * prefixes * per_pass
 
     def entity_setup(self, seq: torch.Tensor) -> tuple[EntityTrie, list[torch.Tensor]]:
         """The entity table's prefix tree, and for every item and depth d < E the node of its
