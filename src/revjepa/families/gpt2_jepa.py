@@ -656,39 +656,48 @@ class GPT2Jepa(LossFamily):
     @staticmethod
     def format_table(results: dict[str, Any]) -> str:
         """The evaluation table of a gpt2_jepa result (entity columns "-" where not computed)."""
-        header = (
-            f"{'split':<8} {'NTP loss':>9} {'MRR avg':>8} {'MRR tok1':>9} {'MRR tok2':>9} "
-            f"{'MRR joint':>10} {'joint NLL':>10} {'joint acc':>10} {'entity MRR':>11} "
-            f"{'entity acc':>11}"
+        return token_table(results, "ntp_loss", "NTP loss")
+
+
+def token_table(
+    results: dict[str, Any], loss_key: str, loss_label: str, entity_note: str = ""
+) -> str:
+    """The evaluation table of a result with the token-level metrics (gpt2_jepa, mlm_u): the
+    family's loss column `loss_key` headed `loss_label`, entity columns "-" where not
+    computed, `entity_note` after the entity line."""
+    header = (
+        f"{'split':<8} {loss_label:>9} {'MRR avg':>8} {'MRR tok1':>9} {'MRR tok2':>9} "
+        f"{'MRR joint':>10} {'joint NLL':>10} {'joint acc':>10} {'entity MRR':>11} "
+        f"{'entity acc':>11}"
+    )
+    lines = [f"step {results['step']}  ({results['checkpoint']})", header, "-" * len(header)]
+    n_entities = None
+    for name, m in results["splits"].items():
+        entity = [f"{m[k]:>11.4f}" if k in m else f"{'-':>11}" for k in ENTITY_KEYS]
+        n_entities = m.get("num_entities", n_entities)
+        lines.append(
+            f"{name:<8} {m[loss_key]:>9.4f} {m['mrr']:>8.4f} {m['mrr_token1']:>9.4f} "
+            f"{m['mrr_token2']:>9.4f} {m['mrr_joint']:>10.4f} {m['joint_nll']:>10.4f} "
+            f"{m['joint_accuracy']:>10.4f} {' '.join(entity)}"
         )
-        lines = [f"step {results['step']}  ({results['checkpoint']})", header, "-" * len(header)]
-        n_entities = None
-        for name, m in results["splits"].items():
-            entity = [f"{m[k]:>11.4f}" if k in m else f"{'-':>11}" for k in ENTITY_KEYS]
-            n_entities = m.get("num_entities", n_entities)
+        for layer in m.get("per_layer", []):
             lines.append(
-                f"{name:<8} {m['ntp_loss']:>9.4f} {m['mrr']:>8.4f} {m['mrr_token1']:>9.4f} "
-                f"{m['mrr_token2']:>9.4f} {m['mrr_joint']:>10.4f} {m['joint_nll']:>10.4f} "
-                f"{m['joint_accuracy']:>10.4f} {' '.join(entity)}"
+                f"  L{layer['layer']:<5} {'':>9} {layer['mrr']:>8.4f} "
+                f"{layer['mrr_token1']:>9.4f} {layer['mrr_token2']:>9.4f} "
+                f"{layer['mrr_joint']:>10.4f} {layer['joint_nll']:>10.4f} "
+                f"{layer['joint_accuracy']:>10.4f}"
             )
-            for layer in m.get("per_layer", []):
-                lines.append(
-                    f"  L{layer['layer']:<5} {'':>9} {layer['mrr']:>8.4f} "
-                    f"{layer['mrr_token1']:>9.4f} {layer['mrr_token2']:>9.4f} "
-                    f"{layer['mrr_joint']:>10.4f} {layer['joint_nll']:>10.4f} "
-                    f"{layer['joint_accuracy']:>10.4f}"
-                )
-        s = results["splits"]
-        if "train" in s and "test" in s:
-            lines.append(f"train-test MRR gap: {s['train']['mrr'] - s['test']['mrr']:+.4f}")
-        if "atomic" in s and "test" in s:
-            lines.append(
-                f"atomic (seen direction) MRR {s['atomic']['mrr']:.4f} vs test (reverse) "
-                f"MRR {s['test']['mrr']:.4f}"
-            )
-        if n_entities:
-            lines.append(
-                f"entity MRR: rank among all {n_entities} entities (chance "
-                f"{chance_mrr(n_entities):.4f})"
-            )
-        return "\n".join(lines)
+    s = results["splits"]
+    if "train" in s and "test" in s:
+        lines.append(f"train-test MRR gap: {s['train']['mrr'] - s['test']['mrr']:+.4f}")
+    if "atomic" in s and "test" in s:
+        lines.append(
+            f"atomic (seen direction) MRR {s['atomic']['mrr']:.4f} vs test (reverse) "
+            f"MRR {s['test']['mrr']:.4f}"
+        )
+    if n_entities:
+        lines.append(
+            f"entity MRR: rank among all {n_entities} entities (chance "
+            f"{chance_mrr(n_entities):.4f})"
+        )
+    return "\n".join(lines)

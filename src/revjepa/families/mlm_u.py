@@ -44,10 +44,10 @@ from ..config import ModelConfig, ObjectiveConfig, RunConfig
 from ..data import Split, Vocab, entity_table, to_device
 from ..errors import UserError
 from ..flops import StepCost, blocks_forward_flops, train_step_flops
-from ..metrics import EntityTrie, chance_mrr, entity_trie, item_metrics, row_index, summarise
+from ..metrics import EntityTrie, entity_trie, item_metrics, row_index, summarise
 from ..progress import SILENT, Bar
 from .base import LossFamily, LossOutput
-from .gpt2_jepa import ENTITY_KEYS, GPT2Jepa, build_gpt2, gpt2_hidden_states
+from .gpt2_jepa import GPT2Jepa, build_gpt2, gpt2_hidden_states, token_table
 
 
 def expected_masked(maskable: int) -> float:
@@ -397,40 +397,8 @@ class MlmU(LossFamily):
     @staticmethod
     def format_table(results: dict[str, Any]) -> str:
         """The evaluation table of an mlm_u result (entity columns "-" where not computed)."""
-        header = (
-            f"{'split':<8} {'tail loss':>9} {'MRR avg':>8} {'MRR tok1':>9} {'MRR tok2':>9} "
-            f"{'MRR joint':>10} {'joint NLL':>10} {'joint acc':>10} {'entity MRR':>11} "
-            f"{'entity acc':>11}"
-        )
-        lines = [f"step {results['step']}  ({results['checkpoint']})", header, "-" * len(header)]
-        n_entities = None
-        for name, m in results["splits"].items():
-            entity = [f"{m[k]:>11.4f}" if k in m else f"{'-':>11}" for k in ENTITY_KEYS]
-            n_entities = m.get("num_entities", n_entities)
-            lines.append(
-                f"{name:<8} {m['tail_loss']:>9.4f} {m['mrr']:>8.4f} {m['mrr_token1']:>9.4f} "
-                f"{m['mrr_token2']:>9.4f} {m['mrr_joint']:>10.4f} {m['joint_nll']:>10.4f} "
-                f"{m['joint_accuracy']:>10.4f} {' '.join(entity)}"
-            )
-            for layer in m.get("per_layer", []):
-                lines.append(
-                    f"  L{layer['layer']:<5} {'':>9} {layer['mrr']:>8.4f} "
-                    f"{layer['mrr_token1']:>9.4f} {layer['mrr_token2']:>9.4f} "
-                    f"{layer['mrr_joint']:>10.4f} {layer['joint_nll']:>10.4f} "
-                    f"{layer['joint_accuracy']:>10.4f}"
-                )
-        s = results["splits"]
-        if "train" in s and "test" in s:
-            lines.append(f"train-test MRR gap: {s['train']['mrr'] - s['test']['mrr']:+.4f}")
-        if "atomic" in s and "test" in s:
-            lines.append(
-                f"atomic (seen direction) MRR {s['atomic']['mrr']:.4f} vs test (reverse) "
-                f"MRR {s['test']['mrr']:.4f}"
-            )
-        if n_entities:
-            lines.append(
-                f"entity MRR: rank among all {n_entities} entities (chance "
-                f"{chance_mrr(n_entities):.4f}); a tail scores log p(c1 | query) + "
-                "log p(c2 | query, c1), query = e1 r <mask> [M]..[M]"
-            )
-        return "\n".join(lines)
+        return token_table(
+            results, "tail_loss", "tail loss",
+            "; a tail scores log p(c1 | query) + log p(c2 | query, c1), "
+            "query = e1 r <mask> [M]..[M]",
+        )  # fmt: skip
