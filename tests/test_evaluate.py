@@ -924,3 +924,16 @@ def test_one_line_error_directory_without_checkpoints(ev_data, tmp_path, capfd):
     rc = main(["evaluate", "--checkpoint", str(tmp_path / "empty"), "--data_dir", str(ev_data)])
     _assert_one_line_error(rc, *capfd.readouterr(), "no checkpoint_step_*.pt files")
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_loss_term_keys_are_the_families_terms():
+    """What the log line and `revjepa plot` draw beside the total: each family's named terms
+    (mlm_u's `mlm_loss` too), never the evaluations' `eval_*_loss`."""
+    from revjepa.runlog import loss_term_keys
+
+    records = [
+        {"step": 1, "loss": 1.0, "mlm_loss": 1.0},
+        {"step": 2, "loss": 1.0, "ntp_loss": 0.5, "jepa_loss": 0.5, "eval_test_ntp_loss": 2.0},
+    ]
+    assert loss_term_keys(records) == ["mlm_loss", "ntp_loss", "jepa_loss"]
+    assert loss_term_keys([{"step": 3, "loss": 2.0, "eval_test_loss": 2.0}]) == []

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .evaluate import read_jsonl
+from .runlog import loss_term_keys
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
@@ -21,7 +22,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     out = out or run_dir / "training_curves.png"
     fig, (ax_loss, ax_mrr) = plt.subplots(1, 2, figsize=(12, 4.5))
     train_rows = [r for r in metrics if "loss" in r]
-    for key, label in (("loss", "total"), ("ntp_loss", "NTP"), ("jepa_loss", "JEPA")):
+    terms = [(k, k[: -len("_loss")].upper()) for k in loss_term_keys(train_rows)]
+    for key, label in (("loss", "total"), *terms):  # the total, then the family's named terms
         pts = [(r["step"], r[key]) for r in train_rows if r.get(key) is not None]
         if pts:
             ax_loss.plot(*zip(*pts), label=label)

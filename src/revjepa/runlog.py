@@ -143,3 +143,15 @@ class RunLock:
     def release(self) -> None:
         """Give the directory up (the file stays: removing it could race a new trainer)."""
         self.fh.close()
+
+
+def loss_term_keys(records: list[dict[str, Any]]) -> list[str]:
+    """The `<term>_loss` keys of a run's training records, in first-seen order: each named loss
+    term of its family (`ntp_loss`, `jepa_loss`, `mlm_loss`, ...), not the total nor the
+    evaluations' `eval_*` keys."""
+    seen: dict[str, None] = {}
+    for record in records:
+        for key in record:
+            if key.endswith("_loss") and key != "loss" and not key.startswith("eval_"):
+                seen.setdefault(key)
+    return list(seen)

@@ -33,7 +33,14 @@ from .families import build_model
 from .families.base import collapse_signal
 from .flops import peak_flops
 from .ops import step_ops
-from .runlog import RunLock, append_jsonl, failure_recorded, truncate_jsonl, write_run_state
+from .runlog import (
+    RunLock,
+    append_jsonl,
+    failure_recorded,
+    loss_term_keys,
+    truncate_jsonl,
+    write_run_state,
+)
 from .schedule import lr_multiplier, should_eval
 from .step import StepContext, StepResult, make_optimizer, resolve_precision, train_step
 from .tracking import Tracker, check_backends, open_tracker
@@ -701,7 +708,7 @@ def _progress(main: bool, start: int, total: int):
 
 def _log_record(record: dict[str, Any], progress, valid_split: str) -> None:
     parts = [f"step {record['step']}"]
-    for key in ("loss", "ntp_loss", "jepa_loss", "lr", "steps_per_s", "mfu", "pred_mean_cos"):
+    for key in ("loss", *loss_term_keys([record]), "lr", "steps_per_s", "mfu", "pred_mean_cos"):
         if key in record:
             parts.append(f"{key} {record[key]:.4g}")
     mrr_key = f"eval_{valid_split}_mrr"
