@@ -175,7 +175,7 @@ def _evaluate_parser(prog: str) -> argparse.ArgumentParser:
         "--entity_mrr",
         default="auto",
         choices=ENTITY_MRR_CHOICES,
-        help="gpt2_jepa: entity_mrr / entity_acc, the rank of the true tail among all entities. "
+        help="gpt2_jepa, mlm_u: entity_mrr / entity_acc, the rank of the true tail among all entities. "
         "auto (default): computed when its cost, estimated before the work, fits "
         "--entity_mrr_budget_s, else skipped with one line; on: always; off: never",
     )

@@ -205,7 +205,7 @@ class TrainConfig:
     valid_split: str = _f("test", "split evaluated during training", choices=SPLITS)
     eval_entity_mrr: str = _f(
         "off",
-        "gpt2_jepa: entity_mrr / entity_acc (rank of the true tail among all entities) in the "
+        "gpt2_jepa, mlm_u: entity_mrr / entity_acc (rank of the true tail among all entities) in the "
         "evaluations during training: on, or off (costly on large data; revjepa evaluate "
         "computes them by default)",
         choices=ON_OFF,
