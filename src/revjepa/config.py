@@ -207,7 +207,7 @@ class TrainConfig:
         "off",
         "gpt2_jepa, mlm_u: entity_mrr / entity_acc (rank of the true tail among all entities) in the "
         "evaluations during training: on, or off (costly on large data; revjepa evaluate "
-        "computes them by default)",
+        "decides with its own --entity_mrr, auto by default)",
         choices=ON_OFF,
     )
     precision: str = _f("fp32", "fp32 | bf16 | fp16 (see --bf16 / --fp16)", choices=PRECISIONS)
