@@ -645,3 +645,13 @@ def test_bad_input_matrix(bad_world, name, argv, needle):
     changed = [k for k in before if after.get(k) != before[k]]
     assert not changed, (name, changed)
     assert sorted(after) == sorted(before), (name, sorted(set(after) - set(before)))
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback():
+    """`revjepa train --help | head -1`: the reader leaves early; the command ends quietly."""
+    proc = subprocess.run(
+        f"{PY} -m revjepa train --help | head -1", shell=True, capture_output=True, text=True,
+        cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert proc.stdout.startswith("usage:") and len(proc.stdout.splitlines()) == 1
+    assert proc.stderr == ""
