@@ -169,7 +169,10 @@ def test_a_killed_sweep_resumes_to_the_same_weights(finished_sweep, tmp_path):
     """SIGKILL the sweep process mid-run (its trainers get SIGTERM and checkpoint), start it
     again: every run completes, finished runs are not retrained, the interrupted one resumes
     from its checkpoint, and the final weights equal the uninterrupted sweep's."""
-    spec = {**SPEC, "variants": {"ntp": {"no_jepa": True}}, "base": {**BASE, "max_steps": 40}}
+    # checkpoints every 10 steps (the weights do not depend on the schedule), and the kill at
+    # the first: 30 steps of margin before the run could finish, for a loaded machine
+    base = {**BASE, "max_steps": 40, "save_steps": 10, "save_step_dense_interval": 10}
+    spec = {**SPEC, "variants": {"ntp": {"no_jepa": True}}, "base": base}
     spec_file = write_spec(tmp_path / "spec.yaml", spec)
     out = tmp_path / "out"
     proc = subprocess.Popen(
@@ -179,9 +182,9 @@ def test_a_killed_sweep_resumes_to_the_same_weights(finished_sweep, tmp_path):
     )  # fmt: skip
     first = out / "runs" / "ntp-seed0" / "checkpoints"
     deadline = time.time() + 120
-    while time.time() < deadline and not (first / "checkpoint_step_20.pt").exists():
-        time.sleep(0.05)
-    assert (first / "checkpoint_step_20.pt").exists(), "the first run never checkpointed"
+    while time.time() < deadline and not (first / "checkpoint_step_10.pt").exists():
+        time.sleep(0.02)
+    assert (first / "checkpoint_step_10.pt").exists(), "the first run never checkpointed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.time() + 60  # the orphaned task gets SIGTERM, checkpoints and exits

@@ -44,10 +44,11 @@ from ..config import ModelConfig, ObjectiveConfig, RunConfig
 from ..data import Split, Vocab, entity_table, to_device
 from ..errors import UserError
 from ..flops import StepCost, blocks_forward_flops, train_step_flops
-from ..metrics import EntityTrie, entity_trie, item_metrics, row_index, summarise
+from ..metrics import entity_trie, item_metrics, summarise
 from ..progress import SILENT, Bar
-from .base import LossFamily, LossOutput
-from .gpt2_jepa import GPT2Jepa, build_gpt2, gpt2_hidden_states, token_table
+from .base import LossOutput
+from .entity_table import EntityTableFamily
+from .gpt2_jepa import build_gpt2, gpt2_hidden_states, token_table
 
 
 def expected_masked(maskable: int) -> float:
@@ -68,7 +69,7 @@ def draw_masks(n: int, maskable: int) -> torch.Tensor:
     return masked
 
 
-class MlmU(LossFamily):
+class MlmU(EntityTableFamily):
     """Model family `mlm_u`: batch (seq, kind) -> the MLM-U loss sum (see the module doc)."""
 
     family = "mlm_u"
@@ -118,33 +119,6 @@ class MlmU(LossFamily):
         self.register_buffer(
             "entities", torch.zeros((0, entity_len), dtype=torch.int64), persistent=False
         )
-
-    # ------------------------------------------------------------------ weights and tables
-
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.lm.state_dict()
-
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.lm.load_state_dict(state)
-
-    def export_pretrained(self, out_dir) -> None:
-        """`save_pretrained` of the GPT-2 (config.json says `is_causal: false`)."""
-        self.lm.save_pretrained(out_dir, safe_serialization=True)
-
-    def set_entity_table(self, entities: torch.Tensor) -> None:
-        """The run's entity table (N, E) int64 that `entity_mrr` ranks among (kept out of the
-        HF state dict, as gpt2_jepa's)."""
-        GPT2Jepa.set_entity_table(self, entities)
-
-    def checkpoint_extras(self) -> dict[str, Any]:
-        return {"entities": self.entities.cpu()} if self.entities.shape[0] else {}
-
-    def load_checkpoint_extras(self, state: dict[str, Any], train_seq=None) -> None:
-        GPT2Jepa.load_checkpoint_extras(self, state, train_seq)
-
-    @classmethod
-    def needs_train_data(cls, state: dict[str, Any], entity_mrr: bool) -> bool:
-        return entity_mrr and "entities" not in state
 
     def step_cost(self, kind: torch.Tensor) -> StepCost:
         """One row of 2E + 2 tokens per item; the LM head at the expected number of masked
@@ -305,7 +279,7 @@ class MlmU(LossFamily):
             for name, value in item_metrics(logits, tail).items():
                 items.setdefault(name, []).append(value.cpu())
             if entity is not None:  # gpt2_jepa's chunked search, with this family's passes
-                entity_sums += GPT2Jepa.entity_batch_sums(self, s, logits, entity, start, bar)
+                entity_sums += self.entity_batch_sums(s, logits, entity, start, bar)
             else:
                 bar.update(s.shape[0])
             if per_layer:
@@ -343,25 +317,6 @@ class MlmU(LossFamily):
         prefixes = sum(int(trie.nodes[d].shape[0]) for d in range(1, trie.depth))
         return float(n_items) * prefixes * per_pass
 
-    def entity_setup(self, seq: torch.Tensor) -> tuple[EntityTrie, list[torch.Tensor]]:
-        """The entity table's prefix tree, and for every item and depth d < E the node of its
-        true tail's first d tokens (-1 when no entity starts so)."""
-        if self.entities.shape[0] == 0:
-            raise UserError(
-                "entity_mrr: this mlm_u model has no entity table (a checkpoint without one "
-                "is evaluated with the training data: a data directory with train.json)"
-            )
-        trie = entity_trie(self.entities.to(seq.device))
-        tail = seq[:, self.entity_len + 2 :]
-        root = torch.zeros(seq.shape[0], dtype=torch.long, device=seq.device)
-        nodes = [root] + [row_index(trie.nodes[d], tail[:, :d]) for d in range(1, trie.depth)]
-        return trie, nodes
-
-    # The two hooks of the search below: where gpt2_jepa caches keys and values of
-    # `e1 r <mask>` and runs only a prefix's tokens, a bidirectional pass must see the whole
-    # row, so the "cache" is the context tokens themselves and every (item, prefix) is one
-    # full pass of 2E + 2 tokens.
-
     def prefix_cache(self, ids: torch.Tensor) -> torch.Tensor:
         """The context `e1 r <mask>` (B, E + 2) of each item."""
         return ids
@@ -376,23 +331,6 @@ class MlmU(LossFamily):
         h, _ = self.encode(torch.cat([cache[rows], tokens, masks], 1))
         x = self.lm.transformer.ln_f(h[:, self.entity_len + 2 + d])
         return torch.log_softmax((x @ self.lm.lm_head.weight.T).float(), -1)
-
-    def entity_rank_counts(
-        self,
-        seq: torch.Tensor,
-        logits: torch.Tensor,
-        trie: EntityTrie,
-        target_nodes: list[torch.Tensor],
-        max_rows: int | None = None,
-        prune: bool = True,
-    ) -> torch.Tensor:
-        """For each item: the number of entities whose chain-rule score is strictly larger
-        than the true tail's (rank = 1 + this), by gpt2_jepa's exact pruned search with this
-        family's passes (`prefix_cache`, `extension_logprobs`); `logits` are `chain_logits`
-        (the true tail's path)."""
-        return GPT2Jepa.entity_rank_counts(
-            self, seq, logits, trie, target_nodes, max_rows=max_rows, prune=prune
-        )
 
     @staticmethod
     def format_table(results: dict[str, Any]) -> str:
