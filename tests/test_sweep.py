@@ -374,3 +374,16 @@ def test_base_flags_of_another_family_do_not_reach_a_variant(tmp_path):
     )
     assert concept["model"]["n_embd"] == 32  # base flags both families read still apply
     assert runs["ntp"]["config"]["model"]["n_layer"] == 1
+
+
+def test_local_dry_run_prints_the_runs_and_writes_nothing(tmp_path, capsys):
+    spec = {**SPEC, "variants": {"ntp": {"no_jepa": True}, "long": {"max_steps": 60}}}
+    spec_file = write_spec(tmp_path / "spec.yaml", spec)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec_file), "--out", str(out), "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "sweep tiny: 4 runs, 1 dataset(s)"
+    steps = {line.split()[0]: line.split()[2] for line in lines[1:5]}
+    assert steps == {"ntp-seed0": "40", "ntp-seed1": "40", "long-seed0": "60", "long-seed1": "60"}
+    assert lines[-1] == "nothing run or written (--dry_run)"
+    assert not out.exists()

@@ -343,7 +343,11 @@ def cmd_sweep(argv: list[str]) -> int:
         help="local: CPU threads of each run (default: the CPUs divided by --parallel)",
     )
     p.add_argument("--status", action="store_true", help="print each run's state and exit")
-    p.add_argument("--dry_run", action="store_true", help="slurm: write and print the script only")
+    p.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="local: print the runs, run nothing; slurm: write and print the script only",
+    )
     p.add_argument("--max_concurrent", type=int, default=None, help="slurm: tasks at once (%%K)")
     for key in ("partition", "time", "gres", "cpus_per_task", "mem", "account"):
         p.add_argument(f"--{key}", default=None, help=f"slurm: #SBATCH --{key.replace('_', '-')}")
@@ -361,6 +365,10 @@ def cmd_sweep(argv: list[str]) -> int:
         raise UserError(f"--threads_per_run must be >= 1, got {a.threads_per_run}")
     if a.max_concurrent is not None and a.max_concurrent < 1:
         raise UserError(f"--max_concurrent must be >= 1, got {a.max_concurrent}")
+    if a.dry_run and a.executor == "local":
+        print(sweep.describe_plan(Path(a.spec)))
+        print("nothing run or written (--dry_run)")
+        return 0
     plan = sweep.prepare(Path(a.spec), out)
     if a.executor == "local":
         return sweep.run_local(out, a.parallel, a.threads_per_run)

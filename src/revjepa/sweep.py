@@ -88,6 +88,17 @@ def prepare(spec_file: Path, out: Path) -> dict[str, Any]:
     return record
 
 
+def describe_plan(spec_file: Path) -> str:
+    """The runs a spec expands to, one line each (what `--dry_run` prints); writes nothing."""
+    plan = expand(load_spec(spec_file))
+    lines = [f"sweep {plan.name}: {len(plan.runs)} runs, {len(plan.data)} dataset(s)"]
+    for run in plan.runs:
+        steps = run.config["train"]["max_steps"]
+        flags = " ".join(run.argv)
+        lines.append(f"{run.name}  {run.family}  {steps:,} steps  data {run.data_key}  {flags}")
+    return "\n".join(lines)
+
+
 def generate_data(target: Path, flags: dict[str, Any]) -> None:
     """Generate one data block unless it is there (a temporary directory, then a rename)."""
     from .data import GenConfig, generate, write_generated
