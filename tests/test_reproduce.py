@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 REPRODUCTION = {"ntp", "ntp_abstract", "llm_jepa_cosine", "llm_jepa_infonce", "concept",
                 "concept_memory"}  # fmt: skip
 SPECS = {
-    "reproduce_cpu.yaml": REPRODUCTION,
+    "reproduce_cpu_quick.yaml": REPRODUCTION,
     "reproduce_cpu_long.yaml": REPRODUCTION,
     "mitigations_cpu.yaml": {
         "ntp", "reverse_entity", "reverse_token", "identity_bridge", "mlm_u", "ntp_wd1",

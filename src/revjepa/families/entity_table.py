@@ -18,7 +18,7 @@ import torch
 
 from ..data import entity_table
 from ..errors import UserError
-from ..metrics import EntityTrie, entity_trie, row_index
+from ..metrics import EntityTrie, entity_trie, item_metrics, row_index, summarise
 from ..progress import Bar
 from .base import LossFamily
 
@@ -182,3 +182,60 @@ class EntityTableFamily(LossFamily):
                     break
                 item, node, partial = (torch.cat(x) for x in zip(*kept))
         return greater
+
+
+class SplitMetrics:
+    """One split's metrics gathered batch by batch: the per-item token metrics (metrics.py),
+    their per-layer copies, and the exact entity sums. Both families' `evaluate_split` feed it
+    their own logits; `result` is the shared part of their result dict."""
+
+    def __init__(
+        self,
+        family: EntityTableFamily,
+        seq: torch.Tensor,
+        entity_mrr: bool,
+        per_layer: bool,
+        bar: Bar,
+    ) -> None:
+        self.family, self.per_layer, self.bar = family, per_layer, bar
+        self.entity = family.entity_setup(seq) if entity_mrr else None
+        self.items: dict[str, list[torch.Tensor]] = {}
+        self.layer_items: list[dict[str, list[torch.Tensor]]] = []
+        self.entity_sums = torch.zeros(2, dtype=torch.float64, device=seq.device)  # rr, rank-1
+
+    def add(
+        self,
+        start: int,
+        seq: torch.Tensor,
+        logits: torch.Tensor,
+        layer_logits: list[torch.Tensor] | None = None,
+    ) -> None:
+        """A batch: items `start`.. of the split, `logits` (B, E, V) over their true tails."""
+        tail = seq[:, self.family.entity_len + 2 :]
+        for name, value in item_metrics(logits, tail).items():
+            self.items.setdefault(name, []).append(value.cpu())
+        if self.entity is not None:
+            self.entity_sums += self.family.entity_batch_sums(
+                seq, logits, self.entity, start, self.bar
+            )
+        else:
+            self.bar.update(seq.shape[0])
+        if self.per_layer:
+            if not self.layer_items:
+                self.layer_items = [{} for _ in layer_logits or []]
+            for store, logits_l in zip(self.layer_items, layer_logits or []):
+                for name, value in item_metrics(logits_l, tail).items():
+                    store.setdefault(name, []).append(value.cpu())
+
+    def result(self, n: int) -> dict[str, Any]:
+        """The token metrics, `num_samples`, the entity metrics when computed, `per_layer`."""
+        result: dict[str, Any] = {**summarise(self.items), "num_samples": n}
+        if self.entity is not None:
+            rr, correct = self.entity_sums.tolist()
+            size = self.entity[0].size
+            result.update(entity_mrr=rr / n, entity_acc=correct / n, num_entities=size)
+        if self.per_layer:
+            result["per_layer"] = [
+                dict(layer=i, **summarise(store)) for i, store in enumerate(self.layer_items)
+            ]
+        return result

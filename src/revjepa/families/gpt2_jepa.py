@@ -32,11 +32,11 @@ from ..flops import (
     extension_flops,
     train_step_flops,
 )
-from ..metrics import chance_mrr, entity_trie, item_metrics, summarise
+from ..metrics import chance_mrr, entity_trie
 from ..ops import TORCH_OPS, StepOps
 from ..progress import SILENT, Bar
 from .base import LossOutput
-from .entity_table import EntityTableFamily
+from .entity_table import EntityTableFamily, SplitMetrics
 
 hf_logging.set_verbosity_error()
 
@@ -380,56 +380,29 @@ class GPT2Jepa(EntityTableFamily):
         `entity_mrr`: also `entity_mrr` / `entity_acc` (see `entity_rank_counts`; it needs the
         entity table and costs one extra pass per surviving candidate prefix). `progress` is
         advanced by the items done."""
-        bar = progress or SILENT
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
         seq, kind = split.seq.to(device), split.kind.to(device)
-        e = seq.shape[1] // 2 - 1
         sums, counts = dict.fromkeys(self.loss_terms, 0.0), dict.fromkeys(self.loss_terms, 0.0)
-        items: dict[str, list[torch.Tensor]] = {}
-        layer_items: list[dict[str, list[torch.Tensor]]] = []
-        entity = self.entity_setup(seq) if entity_mrr else None
-        entity_sums = torch.zeros(2, dtype=torch.float64, device=device)  # rr, rank-1 count
+        acc = SplitMetrics(self, seq, entity_mrr, per_layer, progress or SILENT)
         for start in range(0, seq.shape[0], batch_size):
             s, k = seq[start : start + batch_size], kind[start : start + batch_size]
             out = self(s, k, with_logits=True, per_layer=per_layer)
             for name in sums:
                 sums[name] += float(out.sums[name])
                 counts[name] += float(out.counts[name])
-            for name, value in item_metrics(out.logits, s[:, e + 2 :]).items():
-                items.setdefault(name, []).append(value.cpu())
-            if entity is not None:
-                entity_sums += self.entity_batch_sums(s, out.logits, entity, start, bar)
-            else:
-                bar.update(s.shape[0])
-            if per_layer:
-                if not layer_items:
-                    layer_items = [{} for _ in out.layer_logits]
-                for store, logits in zip(layer_items, out.layer_logits):
-                    for name, value in item_metrics(logits, s[:, e + 2 :]).items():
-                        store.setdefault(name, []).append(value.cpu())
+            acc.add(start, s, out.logits, out.layer_logits)
         self.train(was_training)
-        objective = self.objective
         # a split without JEPA items (or a run without JEPA) has a JEPA loss of 0: the
         # evaluation table keeps both columns for every run of the family
         means = {name: sums[name] / counts[name] if counts[name] else 0.0 for name in sums}
-        n = int(seq.shape[0])
-        result: dict[str, Any] = {
-            "loss": objective.total(means),
+        return {
+            "loss": self.objective.total(means),
             "ntp_loss": means["ntp"],
             "jepa_loss": means.get("jepa", 0.0),
-            **summarise(items),
-            "num_samples": n,
+            **acc.result(int(seq.shape[0])),
         }
-        if entity is not None:
-            rr, correct = entity_sums.tolist()
-            result.update(entity_mrr=rr / n, entity_acc=correct / n, num_entities=entity[0].size)
-        if per_layer:
-            result["per_layer"] = [
-                dict(layer=i, **summarise(store)) for i, store in enumerate(layer_items)
-            ]
-        return result
 
     def entity_metric_flops(self, n_items: int) -> float | None:
         """An upper bound on `entity_mrr`'s FLOPs over `n_items`: per item the cached pass over

@@ -44,10 +44,10 @@ from ..config import ModelConfig, ObjectiveConfig, RunConfig
 from ..data import Split, Vocab, entity_table, to_device
 from ..errors import UserError
 from ..flops import StepCost, blocks_forward_flops, train_step_flops
-from ..metrics import entity_trie, item_metrics, summarise
+from ..metrics import entity_trie
 from ..progress import SILENT, Bar
 from .base import LossOutput
-from .entity_table import EntityTableFamily
+from .entity_table import EntityTableFamily, SplitMetrics
 from .gpt2_jepa import build_gpt2, gpt2_hidden_states, token_table
 
 
@@ -260,49 +260,21 @@ class MlmU(EntityTableFamily):
         """All metrics of one split (see the module doc), float32, eval mode, no RNG draw.
         `entity_mrr`: also `entity_mrr` / `entity_acc` / `num_entities` (needs the table).
         `progress` is advanced by the items done."""
-        bar = progress or SILENT
         was_training = self.training
         self.eval()
-        device = next(self.parameters()).device
-        seq = split.seq.to(device)
+        seq = split.seq.to(next(self.parameters()).device)
         e = self.entity_len
-        items: dict[str, list[torch.Tensor]] = {}
-        layer_items: list[dict[str, list[torch.Tensor]]] = []
-        entity = self.entity_setup(seq) if entity_mrr else None
-        entity_sums = torch.zeros(2, dtype=torch.float64, device=device)  # rr, rank-1 count
+        acc = SplitMetrics(self, seq, entity_mrr, per_layer, progress or SILENT)
         nll = 0.0
         for start in range(0, seq.shape[0], batch_size):
             s = seq[start : start + batch_size]
             logits, per = self.chain_logits(s, per_layer)
             tail = s[:, e + 2 :]
             nll += float(F.cross_entropy(logits.flatten(0, 1), tail.flatten(), reduction="sum"))
-            for name, value in item_metrics(logits, tail).items():
-                items.setdefault(name, []).append(value.cpu())
-            if entity is not None:  # gpt2_jepa's chunked search, with this family's passes
-                entity_sums += self.entity_batch_sums(s, logits, entity, start, bar)
-            else:
-                bar.update(s.shape[0])
-            if per_layer:
-                if not layer_items:
-                    layer_items = [{} for _ in per]
-                for store, layer_logits in zip(layer_items, per):
-                    for name, value in item_metrics(layer_logits, tail).items():
-                        store.setdefault(name, []).append(value.cpu())
+            acc.add(start, s, logits, per)  # gpt2_jepa's chunked search, this family's passes
         self.train(was_training)
         n = int(seq.shape[0])
-        result: dict[str, Any] = {
-            "tail_loss": nll / (n * e) if n else 0.0,
-            **summarise(items),
-            "num_samples": n,
-        }
-        if entity is not None:
-            rr, correct = entity_sums.tolist()
-            result.update(entity_mrr=rr / n, entity_acc=correct / n, num_entities=entity[0].size)
-        if per_layer:
-            result["per_layer"] = [
-                dict(layer=i, **summarise(store)) for i, store in enumerate(layer_items)
-            ]
-        return result
+        return {"tail_loss": nll / (n * e) if n else 0.0, **acc.result(n)}
 
     def entity_metric_flops(self, n_items: int) -> float | None:
         """An upper bound on `entity_mrr`'s FLOPs over `n_items` (no pruning): one full
