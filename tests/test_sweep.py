@@ -387,3 +387,34 @@ def test_local_dry_run_prints_the_runs_and_writes_nothing(tmp_path, capsys):
     assert steps == {"ntp-seed0": "40", "ntp-seed1": "40", "long-seed0": "60", "long-seed1": "60"}
     assert lines[-1] == "nothing run or written (--dry_run)"
     assert not out.exists()
+
+
+def test_seeds_split_a_sweep_into_parts(tmp_path):
+    spec = {**SPEC, "variants": {"ntp": {"no_jepa": True}}, "base": {**BASE, "max_steps": 20}}
+    spec_file = write_spec(tmp_path / "spec.yaml", spec)
+    out = tmp_path / "out"
+    first = cli("sweep", str(spec_file), "--out", str(out), "--seeds", "1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "1 runs, 0 done, 1 to run" in first.stdout
+    done = sorted(p.name for p in (out / "state").glob("*.done.json"))
+    assert done == ["ntp-seed1.done.json"]
+    second = cli("sweep", str(spec_file), "--out", str(out))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "2 runs, 1 done, 1 to run" in second.stdout
+    assert (out / "state" / "ntp-seed0.done.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seeds", "7"], "--seeds: the spec has no seed [7] (its seeds: [0, 1])"),
+        (["--seeds", "0", "--executor", "slurm"], "--seeds: local executor only"),
+    ],
+)
+def test_bad_seeds_are_refused_before_anything_is_written(tmp_path, extra, message):
+    spec_file = write_spec(tmp_path / "spec.yaml", SPEC)
+    out = tmp_path / "out"
+    proc = cli("sweep", str(spec_file), "--out", str(out), *extra)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -342,6 +342,13 @@ def cmd_sweep(argv: list[str]) -> int:
         default=None,
         help="local: CPU threads of each run (default: the CPUs divided by --parallel)",
     )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="local: run only these seeds' runs now; the rest stay pending for a later call",
+    )
     p.add_argument("--status", action="store_true", help="print each run's state and exit")
     p.add_argument(
         "--dry_run",
@@ -369,9 +376,13 @@ def cmd_sweep(argv: list[str]) -> int:
         print(sweep.describe_plan(Path(a.spec)))
         print("nothing run or written (--dry_run)")
         return 0
+    if a.seeds is not None and a.executor != "local":
+        raise UserError("--seeds: local executor only (a SLURM job array runs every seed at once)")
+    if a.seeds is not None:
+        sweep.check_seeds(Path(a.spec), a.seeds)
     plan = sweep.prepare(Path(a.spec), out)
     if a.executor == "local":
-        return sweep.run_local(out, a.parallel, a.threads_per_run)
+        return sweep.run_local(out, a.parallel, a.threads_per_run, a.seeds)
     given = {k: v for k, v in vars(a).items() if k in slurm_array.OPTION_KEYS and v is not None}
     script = out / "sweep.sbatch"
     (out / "logs").mkdir(exist_ok=True)  # SLURM opens the task logs there before the script runs

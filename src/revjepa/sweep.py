@@ -99,6 +99,14 @@ def describe_plan(spec_file: Path) -> str:
     return "\n".join(lines)
 
 
+def check_seeds(spec_file: Path, seeds: list[int]) -> None:
+    """Refuse `--seeds` naming a seed the spec does not run (before anything is written)."""
+    known = sorted({run.seed for run in expand(load_spec(spec_file)).runs})
+    unknown = sorted(set(seeds) - set(known))
+    if unknown:
+        raise UserError(f"--seeds: the spec has no seed {unknown} (its seeds: {known})")
+
+
 def generate_data(target: Path, flags: dict[str, Any]) -> None:
     """Generate one data block unless it is there (a temporary directory, then a rename)."""
     from .data import GenConfig, generate, write_generated
@@ -260,14 +268,23 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_local(out: Path, parallel: int, threads: int | None = None) -> int:
-    """Run every unfinished task, `parallel` at once, CPU threads divided among them."""
+def run_local(
+    out: Path, parallel: int, threads: int | None = None, seeds: list[int] | None = None
+) -> int:
+    """Run every unfinished task (of `seeds` only, when given: a long sweep split into parts),
+    `parallel` at once, CPU threads divided among them."""
     import subprocess
 
     plan = read_plan(out)
     runs = plan["runs"]
-    todo = [i for i, r in enumerate(runs) if not state_path(out, r["name"], "done.json").exists()]
-    total, done = len(runs), len(runs) - len(todo)
+    chosen = [i for i, r in enumerate(runs) if seeds is None or r["seed"] in seeds]
+    if not chosen:
+        known = sorted({r["seed"] for r in runs})
+        raise UserError(
+            f"--seeds {seeds}: the sweep has no runs of these seeds (its seeds: {known})"
+        )
+    todo = [i for i in chosen if not state_path(out, runs[i]["name"], "done.json").exists()]
+    total, done = len(chosen), len(chosen) - len(todo)
     threads = threads or max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     print(f"sweep {plan['name']}: {total} runs, {done} done, {len(todo)} to run, "
